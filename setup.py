@@ -17,6 +17,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 CONSOLE_SCRIPTS = [
     "inverseform-synthetic = datasets.synthetic:main",
+    "inverseform-validate = experiment.validation:main",
+    "inverseform-train = experiment.train:main",
+    "inverseform-train-regressor = experiment.train_inverseform:main",
 ]
 
 setup(

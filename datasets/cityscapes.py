@@ -397,6 +397,13 @@ class Cityscapes(Dataset):
         return self._epoch_items[index]
 
     # -- samples --------------------------------------------------------------------------
+    def load_label(self, item_index):
+        """Train-id map (H x W uint8, 255 = ignore) of image ``item_index`` in sorted order (not of
+        this epoch's sample list), read without its image."""
+        if not self.has_labels:
+            raise ValueError(f"Cityscapes: split {self.split!r} has no labels")
+        return self._train_ids(self.items[item_index][2])
+
     def _train_ids(self, label_path):
         label_ids = read_label_ids(label_path)
         bad = _invalid_ids(label_ids)

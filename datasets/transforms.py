@@ -165,7 +165,9 @@ class TrainTransform:
         return center - at * step, step
 
     def _geometry(self, image, label, rng, center):
-        h, w = image.shape[:2]
+        """Scale, pad, crop and flip ``image`` and ``label`` alike; either may be None (not
+        both): the random draws are the same, so a label-only call crops what a full call would."""
+        h, w = (image if image is not None else label).shape[:2]
         out_h, out_w = self.crop_size if self.crop_size is not None else (h, w)
         scale = rng.uniform(*self.scale_range)
         scaled_h, scaled_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
@@ -176,16 +178,28 @@ class TrainTransform:
         y0, step_y = self._axis(rng, h, scaled_h, out_h, cy)
         matrix = np.array([[step_x, 0.0, x0], [0.0, step_y, y0]], dtype=np.float64)
         flags = cv2.WARP_INVERSE_MAP
-        image = cv2.warpAffine(image, matrix, (out_w, out_h), flags=cv2.INTER_LINEAR | flags,
-                               borderMode=cv2.BORDER_CONSTANT, borderValue=self._pad_color)
+        if image is not None:
+            image = cv2.warpAffine(image, matrix, (out_w, out_h), flags=cv2.INTER_LINEAR | flags,
+                                   borderMode=cv2.BORDER_CONSTANT, borderValue=self._pad_color)
         if label is not None:
             label = cv2.warpAffine(label, matrix, (out_w, out_h), flags=cv2.INTER_NEAREST | flags,
                                    borderMode=cv2.BORDER_CONSTANT, borderValue=float(self.ignore_index))
         if self.flip and rng.random() < 0.5:
-            image = cv2.flip(image, 1)
-            if label is not None:
-                label = cv2.flip(label, 1)
+            image = cv2.flip(image, 1) if image is not None else None
+            label = cv2.flip(label, 1) if label is not None else None
         return image, label
+
+    def label_crop(self, label, rng, center=None):
+        """The label and edge target (H x W uint8 each) of the crop that ``__call__`` would make
+        with the same ``rng``, without touching an image: for consumers of boundaries alone
+        (training an InverseForm regressor)."""
+        if rng is None:
+            raise ValueError("TrainTransform.label_crop needs an explicit numpy Generator")
+        if label is None or label.ndim != 2 or label.dtype != np.uint8:
+            raise ValueError(f"TrainTransform.label_crop: label must be an H x W uint8 array, got "
+                             f"{None if label is None else (label.shape, label.dtype)}")
+        _, label = self._geometry(None, label, rng, center)
+        return label, edge_target(label, self.edge_radius)
 
     # -- photometric ----------------------------------------------------------------------
     def _jitter(self, image, rng):

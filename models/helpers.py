@@ -36,7 +36,13 @@ def count_flops(net: nn.Module, input_size: Sequence[int] = (1, 3, 1024, 2048)) 
     return counter.get_total_flops()
 
 
-def convert_sync_batchnorm(net: nn.Module) -> nn.Module:
-    """Replace every BatchNorm by SyncBatchNorm for multi-GPU training (the
-    reference trained with synchronised BN)."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+def convert_sync_batchnorm(net: nn.Module, device_type: str = "cuda") -> nn.Module:
+    """Replace every BatchNorm by a synchronised one for multi-process training (the
+    reference trained with synchronised BN): PyTorch's SyncBatchNorm on GPUs, our
+    backend-agnostic :class:`~models.syncbn.DistributedBatchNorm2d` elsewhere (PyTorch's
+    runs on GPUs only).  State-dict keys are unchanged."""
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    from .syncbn import DistributedBatchNorm2d
+
+    return DistributedBatchNorm2d.convert(net)

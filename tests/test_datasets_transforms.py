@@ -190,3 +190,18 @@ def test_bad_arguments_are_named():
         ValTransform()(np.zeros((4, 4), np.uint8), None)
     with pytest.raises(ValueError, match="sizes differ"):
         ValTransform()(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5), np.uint8))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_label_crop_matches_the_full_transform(seed):
+    """The label-only path (used to train the InverseForm regressor) crops exactly what the
+    full transform crops from the same generator state, colour jitter and blur included."""
+    image, label = painted_scene(seed)
+    t = TrainTransform(crop_size=(48, 80), scale_range=(0.5, 1.5), color_jitter={"brightness": 0.3}, blur_prob=0.5)
+    full = t(image, label, rng=np.random.default_rng(seed))
+    lab, edge = t.label_crop(label, np.random.default_rng(seed))
+    assert lab.shape == edge.shape == (48, 80) and lab.dtype == edge.dtype == np.uint8
+    assert np.array_equal(lab, full["label"].numpy())
+    assert np.array_equal(edge, full["edge"][0].numpy().astype(np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        t.label_crop(label.astype(np.int32), np.random.default_rng(0))

@@ -140,14 +140,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for option in args:
             if option is type(None):
                 continue
             try:
                 return _coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {_describe(value)}")
     if origin is typing.Literal:
         if value in args:
@@ -206,6 +205,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            return "true" if value else "false"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. a numeric-looking name given on the command line
         raise ConfigError(f"config key '{key}': expected str, got {_describe(value)}")

@@ -1,0 +1,130 @@
+"""Pieces shared by the experiment scripts: AMP choice, seeding, rank-0 TensorBoard,
+and a main-wrapper that turns errors into one clear message and a non-zero exit on
+every rank (so a torchrun job fails fast instead of hanging)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import sys
+import traceback
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from models import CheckpointMismatchError
+from utils import dist
+from utils.config import ConfigError
+
+log = logging.getLogger("experiment")
+
+
+class UserError(Exception):
+    """An error caused by the user's input (a file, a flag, a dataset): shown without a traceback."""
+
+
+USER_ERRORS = (UserError, ConfigError, FileNotFoundError, ValueError, KeyError, CheckpointMismatchError)
+
+
+def str2bool(text: str) -> bool:
+    """argparse type for the reference's ``--has_edge True`` style flags."""
+    lowered = str(text).strip().lower()
+    if lowered in ("true", "1", "yes", "on", "t", "y"):
+        return True
+    if lowered in ("false", "0", "no", "off", "f", "n", "none"):
+        return False
+    raise ValueError(f"expected a boolean (True/False), got {text!r}")
+
+
+def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """'auto': bf16 on CUDA, off on CPU; 'off'; 'fp16'; 'bf16'.  Returns the autocast dtype or None."""
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if mode in ("off", "false", "none"):
+        return None
+    if mode in ("bf16", "on", "true"):
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    raise ConfigError(f"amp must be one of auto, off, fp16, bf16; got {mode!r}")
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+class Rank0Writer:
+    """TensorBoard on rank 0, silent elsewhere; also a no-op after ``close``."""
+
+    def __init__(self, log_dir: str, enabled: bool):
+        self._writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(log_dir=log_dir)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        writer = self.__dict__.get("_writer")
+        if writer is None:
+            return lambda *args, **kwargs: None
+        return getattr(writer, name)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def on_main_first(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only (e.g. make a dataset), then share its result or its error
+    with every rank, so that all of them fail together instead of waiting forever."""
+    result, error = None, None
+    if dist.is_main_process():
+        try:
+            result = fn()
+        except USER_ERRORS as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    shared = dist.broadcast_object((result, error))
+    result, error = shared
+    if error is not None:
+        raise UserError(f"on rank 0: {error}")
+    return result
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Call ``main``; on failure print one message per rank, tear down, exit non-zero."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"[rank {dist.get_rank()}] interrupted", file=sys.stderr)
+        dist.cleanup()
+        sys.exit(130)
+    except USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"[rank {dist.get_rank()}] error: {message}", file=sys.stderr)
+        sys.stderr.flush()
+        dist.cleanup()
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    except Exception:  # an unexpected failure: keep the traceback
+        print(f"[rank {dist.get_rank()}] unexpected error:\n{traceback.format_exc()}", file=sys.stderr)
+        sys.stderr.flush()
+        dist.cleanup()
+        sys.exit(1)
+    dist.cleanup()
+
+
+def set_threads_for_cpu(world_size: int) -> None:
+    """Share the machine's cores between local CPU processes (torchrun sets OMP_NUM_THREADS=1
+    only when it is unset, and a single process keeps torch's default)."""
+    if "OMP_NUM_THREADS" in os.environ or world_size <= 1:
+        return
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))

@@ -1,0 +1,161 @@
+"""Training plumbing shared by train.py and train_inverseform.py: the learning-rate schedule,
+RNG state capture, checkpoints written atomically and read back safely, and the batch
+stream that resumes exactly where a run stopped."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from experiment.common import UserError
+from utils import dist
+from utils.io import atomic_torch_save
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training stops before the weights are touched."""
+
+
+def check_finite(losses: Mapping[str, torch.Tensor], iteration: int, epoch: int, checkpoint_path: str) -> None:
+    """Raise NonFiniteLossError, on every rank at once, if any loss component of any rank is
+    NaN or infinite.  One small all-reduce and one host sync per iteration: the price of never
+    letting a NaN reach the weights (the optimizer step comes after this check)."""
+    names = list(losses)
+    values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+    finite = torch.isfinite(values).all().float().reshape(1)
+    dist.all_reduce(finite, op="min")
+    if finite.item() >= 1:
+        return
+    bad = {n: v for n, v in zip(names, values.tolist()) if not math.isfinite(v)}
+    where = ", ".join(f"{n} = {v}" for n, v in bad.items()) if bad else "on another rank"
+    raise NonFiniteLossError(f"non-finite loss at iteration {iteration} (epoch {epoch}): {where}; "
+                             f"training stopped, the last checkpoint {checkpoint_path} is intact")
+
+
+class History:
+    """``train_log.jsonl``: one JSON line per logged interval (rank 0 only), appended across resumes."""
+
+    def __init__(self, path: str, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(dict(record)) + "\n")
+
+
+# ----------------------------------------------------------------------------- schedule
+def poly_with_warmup(total_iters: int, power: float, warmup_iters: int = 0,
+                     warmup_factor: float = 0.1) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at iteration ``it`` (for LambdaLR):
+    (1 - it / total) ** power, ramped linearly from ``warmup_factor`` during warm-up."""
+    if total_iters < 1:
+        raise ValueError(f"total_iters must be >= 1, got {total_iters}")
+
+    def factor(it: int) -> float:
+        poly = max(0.0, 1.0 - it / total_iters) ** power
+        if it < warmup_iters:
+            alpha = it / warmup_iters
+            poly *= warmup_factor * (1.0 - alpha) + alpha
+        return poly
+
+    return factor
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state() -> Dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) generator states, in a form that
+    ``torch.load(weights_only=True)`` accepts (tensors, ints, tuples)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_training_checkpoint(path: str, state: Dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    atomic_torch_save(state, path)
+
+
+def load_training_checkpoint(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UserError(f"cannot resume: checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path}: {exc}") from exc
+    for key in ("state_dict", "optimizer", "iteration"):
+        if key not in state:
+            raise UserError(f"checkpoint {path} is not a training checkpoint of this project (no {key!r} key)")
+    return state
+
+
+# ----------------------------------------------------------------------------- batch stream
+def batch_stream(loader, start_iter: int, max_iters: int) -> Iterator[Tuple[int, int, Any]]:
+    """Yield (epoch, iteration, batch) from ``start_iter`` up to ``max_iters``.
+
+    Epoch ``e`` covers iterations [e * L, (e + 1) * L) with L = batches per epoch; a resumed
+    run skips the first (start_iter mod L) batches of its epoch through the sampler (so no
+    data is loaded for them), and since every sample is seeded by (seed, epoch, index) the
+    stream is the same as an uninterrupted run's.
+    """
+    sampler, dataset = loader.sampler, loader.dataset
+    per_epoch = len(sampler) // loader.batch_size
+    if per_epoch < 1:
+        raise UserError("fewer samples per process than one batch")
+    iteration = start_iter
+    epoch, within = divmod(start_iter, per_epoch)
+    while iteration < max_iters:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        sampler.set_start(within * loader.batch_size)
+        for batch in loader:
+            yield epoch, iteration, batch
+            iteration += 1
+            if iteration >= max_iters:
+                return
+        epoch, within = epoch + 1, 0
+
+
+def iterations_per_epoch(loader) -> int:
+    return len(loader.sampler) // loader.batch_size
+
+
+def total_iterations(loader, epochs: int, max_iters: Optional[int]) -> int:
+    total = epochs * iterations_per_epoch(loader)
+    return min(total, max_iters) if max_iters else total
+
+
+def is_finite(value: torch.Tensor) -> bool:
+    return bool(torch.isfinite(value).all())
+
+
+def human_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

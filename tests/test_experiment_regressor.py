@@ -1,0 +1,111 @@
+"""experiment/train_inverseform.py: tiles cut as InverseFormLoss cuts them, a short run lowers the
+loss and yields a regressor that InverseFormLoss loads and that tells identical from shifted
+boundaries, exact resume, and the evaluation report."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from experiment.config import RegressorConfig
+from experiment.train_inverseform import collate_tiles, make_pairs, step_generator, tile_dataset, train_regressor
+from inverseform import InverseFormLoss, InverseNet, params_to_matrix, warp
+from inverseform.tiling import resize_for_tiling
+from utils import dist
+from utils.config import load_config
+
+
+def regressor_config(root, out, **extra):
+    values = {
+        "output_dir": out, "output_path": Path(out) / "regressor.pth", "data.dataset_dir": root,
+        "data.crop_size": "[64, 128]", "data.scale_range": "[0.75, 1.0]", "data.num_workers": 0,
+        "model.tile_size": 32, "model.hidden": "[256, 32]", "ranges.scale": 0.2, "ranges.shift": 0.2,
+        "tiles.tile_factor": 1, "train.steps": 150, "train.images_per_batch": 6, "train.lr": 1e-3,
+        "train.log_interval": 10, "train.checkpoint_interval": 50, "train.eval_images": 12, "train.device": "cpu",
+    }
+    values.update(extra)
+    return load_config(RegressorConfig, [], [f"{k}={v}" for k, v in values.items()])
+
+
+@pytest.fixture
+def ctx(monkeypatch):
+    for key in dist.ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    return dist.init_distributed("cpu")
+
+
+def test_tiles_are_cut_as_the_loss_cuts_them(tiny_cityscapes, tmp_path):
+    cfg = regressor_config(tiny_cityscapes, tmp_path, **{"tiles.empty_keep": 1.0, "tiles.min_edge_fraction": 0.0})
+    data = tile_dataset(cfg, tiny_cityscapes, "train", seed=3)
+    data.set_epoch(2)
+    item = data[1]
+    _, edge = data.transform.label_crop(data.labels.load_label(1), np.random.default_rng([3, 2, 1]))
+    resized = resize_for_tiling(torch.from_numpy(edge).float()[None, None], (32, 64))[0, 0]
+    assert item["tiles"].shape == (2, 1, 32, 32)
+    assert torch.equal(item["tiles"][0, 0], resized[:, :32]) and torch.equal(item["tiles"][1, 0], resized[:, 32:])
+    assert item["tiles"].max() > 0  # street scenes have boundaries
+    batch = collate_tiles([data[0], data[1]])
+    assert batch["tiles"].shape[0] == batch["empty"].shape[0] == 4
+
+
+def test_empty_tiles_are_downweighted_and_become_identity_pairs(tiny_cityscapes, tmp_path):
+    cfg = regressor_config(tiny_cityscapes, tmp_path, **{"tiles.min_edge_fraction": 1.0, "tiles.empty_keep": 0.0})
+    data = tile_dataset(cfg, tiny_cityscapes, "train", seed=0)
+    assert all(len(data[i]["tiles"]) == 0 for i in range(len(data)))  # every tile counts as empty, none kept
+    tiles = torch.rand(4, 1, 32, 32)
+    empty = torch.tensor([True, False, True, False])
+    x1, x2, dev = make_pairs(tiles, empty, "scale_shift", {"scale": 0.2, "shift": 0.2}, 0.0,
+                             step_generator(0, 0, 0, torch.device("cpu")))
+    assert torch.equal(dev[empty], torch.zeros(2, 4)) and (dev[~empty].abs() > 0).all()
+    assert torch.equal(x1[empty], x2[empty])
+
+
+def test_short_run_learns_and_its_file_plugs_into_the_loss(tiny_cityscapes, tmp_path, ctx):
+    cfg = regressor_config(tiny_cityscapes, tmp_path)
+    report = train_regressor(cfg, ctx)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    for key in ("identity_mean_distance", "transformed_mean_distance", "spearman", "r2_per_param"):
+        assert key in saved and key in report
+    assert len(saved["r2_per_param"]) == 4
+    assert saved["identity_mean_distance"] < saved["transformed_mean_distance"]
+
+    meta = json.loads((tmp_path / "regressor.json").read_text())
+    assert meta["parameterisation"] == "scale_shift" and meta["tile_size"] == 32 and meta["steps"] == 150
+    assert len(meta["normalisation"]["std"]) == 4
+    loss = InverseFormLoss(str(tmp_path / "regressor.pth"), tile_factor=1, distance="normalised")
+    assert isinstance(loss.regressor, InverseNet) and not loss.regressor.training
+    # Boundaries of a real crop, compared with themselves and with a shifted copy of themselves.
+    data = tile_dataset(cfg, tiny_cityscapes, "val", seed=5)
+    target = torch.cat([data[i]["tiles"] for i in range(len(data))])
+    shift = torch.zeros(len(target), 4)
+    shift[:, 2] = 0.2
+    shifted = warp(target, params_to_matrix(shift, "scale_shift"), kind="scale_shift")
+    same = loss.tile_distances(target, target).mean()
+    moved = loss.tile_distances(shifted, target).mean()
+    assert same < 0.8 * moved  # 6 training images and 150 steps: a clear margin, not a good regressor
+
+
+def test_resume_continues_where_it_stopped(tiny_cityscapes, tmp_path, ctx):
+    straight = regressor_config(tiny_cityscapes, tmp_path / "a", **{"train.steps": 40, "train.checkpoint_interval": 0})
+    train_regressor(straight, ctx)
+    split = regressor_config(tiny_cityscapes, tmp_path / "b", **{"train.steps": 40, "train.checkpoint_interval": 0})
+    assert train_regressor(split, ctx, stop_after=20) == {}
+    assert not (tmp_path / "b" / "regressor.pth").exists()
+    train_regressor(split, ctx, resume=True)
+    a = InverseNet.from_checkpoint(str(tmp_path / "a" / "regressor.pth")).state_dict()
+    b = InverseNet.from_checkpoint(str(tmp_path / "b" / "regressor.pth")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a = (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
+    assert log_a == log_b and json.loads(log_b[-1])["iteration"] == 40
+
+
+def test_ranges_the_parameterisation_cannot_express_are_refused(tiny_cityscapes, tmp_path, ctx):
+    from experiment.common import UserError
+
+    cfg = regressor_config(tiny_cityscapes, tmp_path, **{"ranges.rotation": 5.0})
+    with pytest.raises(UserError, match="ranges.rotation"):
+        train_regressor(cfg, ctx)

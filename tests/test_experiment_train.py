@@ -1,0 +1,171 @@
+"""experiment/train.py: exact resume, identical weights across gloo ranks, a checkpoint write
+killed half-way, bf16 autocast on CPU, a non-finite loss, and the shipped configs."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiment.config import ExperimentConfig, RegressorConfig
+from experiment.engine import NonFiniteLossError, load_training_checkpoint
+from experiment.train import train
+from inverseform import InverseNet, save_regressor
+from utils import dist
+from utils.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+@pytest.fixture(scope="module")
+def regressor(tmp_path_factory):
+    """A small regressor in the released format: 32 x 32 tiles (64 x 128 crops, tile_factor 1)."""
+    torch.manual_seed(0)
+    net = InverseNet(tile_size=32, num_params=4, hidden=(64, 16))
+    path = tmp_path_factory.mktemp("regressor") / "regressor.pth"
+    save_regressor(net, path, {"dataset": "test"})
+    return path
+
+
+def overrides(root, out, regressor, **extra):
+    base = {
+        "output_dir": out, "data.dataset_dir": root, "data.crop_size": "[64, 128]",
+        "data.scale_range": "[0.75, 1.0]", "data.class_uniform_fraction": 0.0, "data.num_workers": 0,
+        "model.arch": "lighthrnet.HRNet16", "model.has_edge": "true", "loss.inverseform_path": regressor,
+        "loss.inverseform_tile_factor": 1, "optim.lr": 0.01, "optim.warmup_iters": 2, "train.epochs": 2,
+        "train.max_iters": 6, "train.batch_size": 2, "train.log_interval": 1, "train.image_interval": 3,
+        "train.val_interval": 1, "train.checkpoint_interval": 0, "train.device": "cpu", "train.amp": "off",
+        "val.batch_size": 2, "val.num_workers": 0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def config(*args, **kwargs):
+    return load_config(ExperimentConfig, [], overrides(*args, **kwargs))
+
+
+@pytest.fixture
+def ctx(monkeypatch):
+    for key in dist.ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    return dist.init_distributed("cpu")
+
+
+def history(out):
+    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_cityscapes, regressor, tmp_path, ctx):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    m_straight, net_straight = train(config(tiny_cityscapes, straight, regressor), ctx)
+    metrics, _ = train(config(tiny_cityscapes, resumed, regressor), ctx, stop_after=3)
+    assert metrics == {}
+    assert load_training_checkpoint(str(resumed / "last.pth"))["iteration"] == 3
+    m_resumed, net_resumed = train(config(tiny_cityscapes, resumed, regressor), ctx, resume=True)
+    a, b = net_straight.state_dict(), net_resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    h1, h2 = history(straight), history(resumed)
+    assert [r["iteration"] for r in h1] == [r["iteration"] for r in h2] == [1, 2, 3, 4, 5, 6]
+    assert h1 == h2  # every loss component and learning rate, iteration by iteration
+    assert {"total", "seg", "edge_bce", "edge_att", "inverseform", "aux"} <= set(h1[0])
+    assert m_straight["miou"] == m_resumed["miou"]
+    saved = json.loads((straight / "metrics.json").read_text())
+    assert 0 <= saved["miou"] <= 1 and 0 <= saved["majority_class_miou"] <= 1
+    for name in ("last.pth", "best.pth", "config.yaml"):
+        assert (straight / name).is_file()
+    assert (straight / "predictions" / "labelIds").is_dir()
+    # the epoch-end validation ran too (epoch 1 of 2: 3 iterations of batch 2 over 6 images)
+    assert (straight / "metrics_iter0000003.json").is_file()
+
+
+def test_two_process_gloo_ranks_hold_identical_weights(tiny_cityscapes, regressor, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in dist.ENV_KEYS}
+    env["OMP_NUM_THREADS"] = "1"
+    ov = overrides(tiny_cityscapes, tmp_path / "run", regressor, **{"train.max_iters": 3, "train.batch_size": 1})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(SCRIPTS / "train_ranks.py"), str(tmp_path), json.dumps(ov)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    w0, w1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    last = load_training_checkpoint(str(tmp_path / "run" / "last.pth"))
+    assert last["iteration"] == 3 and len(last["rng"]) == 2
+    assert all(torch.equal(w0[k], v) for k, v in last["state_dict"].items())
+    m0, m1 = (json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in (0, 1))
+    assert m0 == m1 and m0["num_images"] == 4
+
+
+def test_killed_checkpoint_write_leaves_previous_checkpoint(tiny_cityscapes, regressor, tmp_path, ctx):
+    out = tmp_path / "run"
+    ov = overrides(tiny_cityscapes, out, regressor, **{"train.checkpoint_interval": 1})
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "kill_during_save.py"), json.dumps(ov)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
+    state = load_training_checkpoint(str(out / "last.pth"))  # the first checkpoint, whole
+    assert state["iteration"] == 1
+    assert list(out.glob(".last.pth.*.tmp"))  # the half-written temporary, never the checkpoint
+    metrics, _ = train(config(tiny_cityscapes, out, regressor, **{"train.checkpoint_interval": 1}), ctx,
+                       resume=True, stop_after=2)
+    assert not list(out.glob(".last.pth.*.tmp"))
+    assert load_training_checkpoint(str(out / "last.pth"))["iteration"] == 2
+
+
+def test_bf16_autocast_on_cpu(tiny_cityscapes, regressor, tmp_path, ctx):
+    metrics, _ = train(config(tiny_cityscapes, tmp_path, regressor, **{"train.amp": "bf16", "train.max_iters": 2,
+                                                                        "val.amp": "bf16"}), ctx)
+    assert all(math.isfinite(r["total"]) for r in history(tmp_path))
+    assert 0 <= metrics["miou"] <= 1 and math.isfinite(metrics["val_loss"])
+
+
+def test_non_finite_loss_stops_with_its_component(tiny_cityscapes, regressor, tmp_path, ctx, monkeypatch):
+    from experiment import losses
+
+    real_forward, calls = losses.SegmentationObjective.forward, {"n": 0}
+
+    def poisoned(self, outputs, label, edge):
+        total, parts = real_forward(self, outputs, label, edge)
+        calls["n"] += 1
+        if calls["n"] == 3:  # iteration index 2
+            parts = dict(parts, inverseform=torch.tensor(float("nan")))
+            total = total + parts["inverseform"]
+        return total, parts
+
+    monkeypatch.setattr(losses.SegmentationObjective, "forward", poisoned)
+    cfg = config(tiny_cityscapes, tmp_path, regressor, **{"train.checkpoint_interval": 1})
+    with pytest.raises(NonFiniteLossError, match=r"iteration 2 .*inverseform = nan.*last checkpoint"):
+        train(cfg, ctx)
+    state = load_training_checkpoint(str(tmp_path / "last.pth"))
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_regressor_is_trained_when_missing(tiny_cityscapes, tmp_path, ctx):
+    reg_cfg = tmp_path / "regressor.yaml"
+    reg_cfg.write_text(
+        "data: {crop_size: [64, 128], scale_range: [0.75, 1.0], num_workers: 0}\n"
+        "model: {tile_size: 32, hidden: [64, 16]}\n"
+        f"output_dir: {tmp_path / 'regressor_run'}\n"
+        "tiles: {tile_factor: 1}\n"
+        "train: {steps: 4, images_per_batch: 2, log_interval: 2, eval_images: 4}\n")
+    target = tmp_path / "made" / "regressor.pth"
+    cfg = config(tiny_cityscapes, tmp_path / "seg", target,
+                 **{"loss.regressor_config": reg_cfg, "train.max_iters": 2})
+    train(cfg, ctx)
+    assert target.is_file() and target.with_suffix(".json").is_file()
+    assert "inverseform" in history(tmp_path / "seg")[0]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(name):
+    path = ROOT / "configs" / name
+    schema = RegressorConfig if "regressor" in name else ExperimentConfig
+    cfg = load_config(schema, [path])
+    if schema is ExperimentConfig:
+        import models
+
+        models.get_net(cfg.model.arch, hrnet_base=cfg.model.hrnet_base, has_edge=cfg.model.has_edge)

@@ -1,0 +1,185 @@
+"""experiment/validation.py: distributed equality, the official evaluator as oracle, exact metrics
+for a perfect model, the has_edge toggle, and clear errors with non-zero exits."""
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import models
+from datasets import labelid_to_trainid
+from experiment.validation import evaluate
+from models.testing import synthetic_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "lighthrnet.HRNet16"
+
+
+def run_cli(args, nproc=1, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CITYSCAPES_DATASET")}
+    env["OMP_NUM_THREADS"] = "1"
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "experiment.validation"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "experiment" / "validation.py")]
+    return subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def edge_checkpoint(tmp_path_factory):
+    """HRNet-16-Slim with an edge head and seeded O(1) weights (varied predictions), saved as the
+    released files are: {'state_dict': ...} with DDP's 'module.' prefix."""
+    net = models.get_net(ARCH, has_edge=True)
+    weights = synthetic_state_dict(net.state_dict(), seed=7)
+    path = tmp_path_factory.mktemp("ckpt") / "hr16s_edge.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}}, path)
+    return path
+
+
+def cli_args(root, out, checkpoint, *extra):
+    return ["--output_dir", out, "--model_path", checkpoint, "--arch", ARCH, "--hrnet_base", 16,
+            "--dataset_dir", root, "--num_workers", 0, "--batch_size", 1, *extra]
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_cityscapes, edge_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("val1")
+    proc = run_cli(cli_args(tiny_cityscapes, out, edge_checkpoint, "--has_edge", "True", "--dump_predictions"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc
+
+
+def load_metrics(out):
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+def test_single_process_outputs(single_run):
+    out, proc = single_run
+    m = load_metrics(out)
+    for key in ("miou", "pixel_acc", "mean_class_acc", "fwiou", "mba", "boundary_f"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert len(m["per_class_iou"]) == 19 and m["num_images"] == 4
+    assert set(m["val_loss_parts"]) == {"seg", "edge_bce", "edge_att"}  # no regressor file: no InverseForm term
+    assert "InverseForm term is left out" in proc.stdout + proc.stderr
+    assert "mIoU" in proc.stdout and "traffic light" in proc.stdout  # the table
+    for sub in ("color", "labelIds", "edges"):
+        assert len(list((Path(out) / "predictions" / sub).glob("*.png"))) == 4
+    assert list((Path(out) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_two_processes_give_identical_metrics(single_run, tiny_cityscapes, edge_checkpoint, tmp_path):
+    out1, _ = single_run
+    proc = run_cli(cli_args(tiny_cityscapes, tmp_path, edge_checkpoint, "--has_edge", "True"), nproc=2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m1, m2 = load_metrics(out1), load_metrics(tmp_path)
+    assert m2["world_size"] == 2 and m2["num_images"] == m1["num_images"] == 4
+    for key in ("miou", "per_class_iou", "pixel_acc", "mean_class_acc", "fwiou", "mba", "boundary_f",
+                "per_class_boundary_f", "majority_class_miou"):
+        assert m1[key] == m2[key], key
+    assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-9)
+
+
+def test_miou_equals_official_evaluator(single_run, tiny_cityscapes):
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as ev
+
+    out, _ = single_run
+    pred_dir = Path(out) / "predictions" / "labelIds"
+    gts = sorted(glob.glob(os.path.join(tiny_cityscapes, "gtFine", "val", "*", "*_gtFine_labelIds.png")))
+    args = ev.args
+    args.predictionPath, args.predictionWalk = str(pred_dir), None
+    args.evalInstLevelScore, args.quiet, args.JSONOutput = False, True, False
+    args.exportFile = str(Path(out) / "official.json")
+    preds = [ev.getPrediction(args, gt) for gt in gts]
+    result = ev.evaluateImgLists(preds, gts, args)
+    assert load_metrics(out)["miou"] == pytest.approx(result["averageScoreClasses"], abs=1e-9)
+    # And the dumped labelIds really are our predictions mapped to official ids.
+    for pred, gt in zip(preds, gts):
+        trainids = labelid_to_trainid(cv2.imread(pred, cv2.IMREAD_UNCHANGED))
+        assert trainids.shape == cv2.imread(gt, cv2.IMREAD_UNCHANGED).shape and trainids.max() < 19
+
+
+def test_has_edge_off_gives_same_predictions(single_run, tiny_cityscapes, edge_checkpoint, tmp_path):
+    out1, _ = single_run
+    proc = run_cli(cli_args(tiny_cityscapes, tmp_path, edge_checkpoint, "--has_edge", "False", "--dump_predictions"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "edge" in proc.stdout + proc.stderr and "dropped" in (proc.stdout + proc.stderr).lower()
+    m1, m2 = load_metrics(out1), load_metrics(tmp_path)
+    for key in ("miou", "per_class_iou", "pixel_acc", "mba", "boundary_f"):
+        assert m1[key] == m2[key], key
+    for a in sorted((Path(out1) / "predictions" / "labelIds").glob("*.png")):
+        b = Path(tmp_path) / "predictions" / "labelIds" / a.name
+        assert a.read_bytes() == b.read_bytes()
+    assert not (Path(tmp_path) / "predictions" / "edges").exists()
+    assert set(m2["val_loss_parts"]) == {"seg"}
+
+
+class OracleNet(torch.nn.Module):
+    """Reads the label back from the image (channel 0 holds trainId / 100): a perfect model."""
+
+    def forward(self, images):
+        label = torch.round(images[:, 0] * 100).long().clamp(0, 18)
+        return {"pred": torch.nn.functional.one_hot(label, 19).permute(0, 3, 1, 2).float() * 10}
+
+
+class LabelImages(torch.utils.data.Dataset):
+    def __init__(self, root):
+        from datasets import Cityscapes
+
+        self.base = Cityscapes(root, "val")
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        s = self.base[i]
+        s["image"] = torch.stack([s["label"].clamp(0, 18).float() / 100] * 3)
+        return s
+
+
+def test_perfect_model_scores_one(tiny_cityscapes):
+    from experiment.data import eval_loader
+
+    loader = eval_loader(LabelImages(tiny_cityscapes), batch_size=2, num_workers=0)
+    m = evaluate(OracleNet(), loader, torch.device("cpu"), progress=False)
+    assert m["miou"] == 1.0 and m["pixel_acc"] == 1.0 and m["mean_class_acc"] == 1.0
+    assert m["mba"] == 1.0 and m["boundary_f"] == 1.0
+    assert m["num_images"] == 4 and m["majority_class_miou"] < 0.1
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong_arch", "empty_split"])
+def test_errors_exit_nonzero_with_message(case, tiny_cityscapes, edge_checkpoint, tmp_path):
+    root, ckpt, extra = tiny_cityscapes, edge_checkpoint, []
+    if case == "missing":
+        ckpt, expected = tmp_path / "nope.pth", "nope.pth does not exist"
+    elif case == "wrong_arch":
+        extra, expected = ["--opt", "model.arch=ocrnet.AuxHRNet"], "hrhead.last_layer"
+    else:
+        root = tmp_path / "empty"
+        (root / "leftImg8bit" / "val" / "x").mkdir(parents=True)
+        (root / "gtFine" / "val" / "x").mkdir(parents=True)
+        expected = "holds no images"
+    args = cli_args(root, tmp_path / "out", ckpt, "--has_edge", "True", *extra)
+    if case == "wrong_arch":  # --arch on the command line wins over --opt: drop it
+        i = args.index("--arch")
+        del args[i:i + 2]
+        args[args.index("--hrnet_base") + 1] = 18
+    proc = run_cli(args)
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_error_on_every_rank_without_hang(tiny_cityscapes, tmp_path):
+    proc = run_cli(cli_args(tiny_cityscapes, tmp_path / "out", tmp_path / "absent.pth", "--has_edge", "True"),
+                   nproc=2, timeout=120)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank {rank}] error: model file" in proc.stderr, proc.stderr
