@@ -3,20 +3,21 @@ and a main-wrapper that turns errors into one clear message and a non-zero exit 
 every rank (so a torchrun job fails fast instead of hanging)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 import random
 import sys
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from models import CheckpointMismatchError
 from utils import dist
-from utils.config import ConfigError
+from utils.config import ConfigError, add_config_arguments
 
 log = logging.getLogger("experiment")
 
@@ -36,6 +37,35 @@ def str2bool(text: str) -> bool:
     if lowered in ("false", "0", "no", "off", "f", "n", "none"):
         return False
     raise ValueError(f"expected a boolean (True/False), got {text!r}")
+
+
+def script_parser(doc: str, output_help: str) -> argparse.ArgumentParser:
+    """The arguments every experiment script shares: --config/--opt, --output_dir, --dataset_dir,
+    --device, and torch.distributed.launch's --local_rank (accepted, unused: torchrun's
+    LOCAL_RANK variable is read instead)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--output_dir", help=output_help)
+    parser.add_argument("--dataset_dir",
+                        help="Cityscapes root (default: $CITYSCAPES_DATASET, else the synthetic dataset)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+SHARED_FLAGS = {"output_dir": "output_dir", "dataset_dir": "data.dataset_dir", "device": "train.device"}
+
+
+def flag_overrides(args: argparse.Namespace, mapping: Dict[str, str]) -> List[str]:
+    """``--opt`` overrides followed by ``key=value`` for every given flag of ``mapping``
+    (flag name -> config key): explicit flags win over config files and --opt."""
+    out = list(args.opt)
+    for flag, key in mapping.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
 
 
 def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:

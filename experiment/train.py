@@ -36,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from datasets import colorize
-from experiment.common import (Rank0Writer, UserError, autocast, resolve_amp, run_main, seed_everything,
-                               set_threads_for_cpu)
+from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides, resolve_amp,
+                               run_main, script_parser, seed_everything, set_threads_for_cpu)
 from experiment.config import ExperimentConfig, RegressorConfig
 from experiment.data import dataset_root, eval_loader, train_dataset, train_loader, val_dataset
 from experiment.engine import (History, NonFiniteLossError, batch_stream, check_finite, load_training_checkpoint,
@@ -48,7 +48,7 @@ from experiment.validation import (PredictionDumper, build_model, denormalize, e
                                    metrics_table, write_metrics)
 from models import convert_sync_batchnorm, count_parameters, load_checkpoint, load_pretrained_backbone
 from utils import dist
-from utils.config import add_config_arguments, config_to_dict, load_config, save_config
+from utils.config import config_to_dict, load_config, save_config
 
 log = logging.getLogger("experiment.train")
 
@@ -273,29 +273,18 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = False,
 
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p)
-    p.add_argument("--output_dir", help="run directory: config, checkpoints, metrics, TensorBoard, predictions")
-    p.add_argument("--dataset_dir", help="Cityscapes root (default: $CITYSCAPES_DATASET, else the synthetic dataset)")
+    p = script_parser(__doc__, "run directory: config, checkpoints, metrics, TensorBoard, predictions")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pth")
     p.add_argument("--stop_after", type=int, help="stop (with a checkpoint) after this iteration; resume later")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--max_iters", type=int, help="cap on iterations (the schedule spans them)")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    overrides: List[str] = list(args.opt)
-    for flag, key in (("output_dir", "output_dir"), ("dataset_dir", "data.dataset_dir"),
-                      ("device", "train.device"), ("max_iters", "train.max_iters"), ("amp", "train.amp")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
     if not args.config:
         raise UserError("--config is required, e.g. --config configs/synthetic.yaml")
+    overrides = flag_overrides(args, {**SHARED_FLAGS, "max_iters": "train.max_iters", "amp": "train.amp"})
     return load_config(ExperimentConfig, args.config, overrides)
 
 

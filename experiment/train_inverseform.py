@@ -53,7 +53,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from datasets import Cityscapes, TrainTransform
-from experiment.common import Rank0Writer, UserError, autocast, resolve_amp, run_main, seed_everything
+from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides, resolve_amp,
+                               run_main, script_parser, seed_everything)
 from experiment.config import RegressorConfig
 from experiment.data import dataset_root, train_loader
 from experiment.engine import (History, batch_stream, check_finite, human_time, load_training_checkpoint,
@@ -61,7 +62,7 @@ from experiment.engine import (History, batch_stream, check_finite, human_time, 
 from inverseform import InverseNet, ParamNormaliser, params_to_matrix, sample_deviations, save_regressor, warp
 from inverseform.tiling import image_to_tiles, resize_for_tiling
 from utils import dist
-from utils.config import add_config_arguments, config_to_dict, load_config, save_config
+from utils.config import config_to_dict, load_config, save_config
 from utils.io import atomic_write_json
 
 log = logging.getLogger("experiment.train_inverseform")
@@ -372,27 +373,16 @@ def train_regressor(cfg: RegressorConfig, ctx: dist.DistContext, resume: bool = 
 
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--dataset_dir", help="Cityscapes root (default: $CITYSCAPES_DATASET, else the synthetic dataset)")
-    parser.add_argument("--output_dir", help="run directory (config, checkpoints, report, TensorBoard)")
+    parser = script_parser(__doc__, "run directory (config, checkpoints, report, TensorBoard)")
     parser.add_argument("--output_path", help="where to write the regressor .pth (+ .json beside it)")
     parser.add_argument("--steps", type=int, help="training steps")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pth")
     parser.add_argument("--stop_after", type=int, help="stop (with a checkpoint) after this step; resume later")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> RegressorConfig:
-    overrides = list(args.opt)
-    for flag, key in (("dataset_dir", "data.dataset_dir"), ("output_dir", "output_dir"),
-                      ("output_path", "output_path"), ("steps", "train.steps"), ("device", "train.device")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    overrides = flag_overrides(args, {**SHARED_FLAGS, "output_path": "output_path", "steps": "train.steps"})
     return load_config(RegressorConfig, args.config, overrides)
 
 

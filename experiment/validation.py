@@ -38,13 +38,14 @@ import torch
 from tqdm import tqdm
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD, TRAIN_CLASS_NAMES, colorize, trainid_to_labelid
-from experiment.common import Rank0Writer, UserError, autocast, resolve_amp, run_main, str2bool
+from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides, resolve_amp, run_main,
+                               script_parser, str2bool)
 from experiment.config import ExperimentConfig
 from experiment.data import dataset_root, eval_loader, val_dataset
 from experiment.losses import joint_loss, load_inverseform
 from models import get_net, load_checkpoint
 from utils import dist
-from utils.config import add_config_arguments, load_config, save_config
+from utils.config import load_config, save_config
 from utils.io import atomic_write_json
 from utils.metrics import (boundary_accuracy, boundary_f_counts, boundary_f_from_counts, confusion_matrix,
                            format_table, majority_class_confusion, scores_from_confusion)
@@ -223,15 +224,11 @@ def write_metrics(metrics: Dict[str, Any], writer: Rank0Writer, output_dir: str,
 
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p)
-    p.add_argument("--output_dir", help="where metrics.json, predictions and TensorBoard logs go")
+    p = script_parser(__doc__, "where metrics.json, predictions and TensorBoard logs go")
     p.add_argument("--model_path", help="checkpoint to evaluate (released .pth or one of ours)")
     p.add_argument("--arch", help="ocrnet.AuxHRNet | lighthrnet.HRNet16 | ocrnet.HRNet | ocrnet.HRNet_Mscale")
     p.add_argument("--hrnet_base", type=int, help="trunk width: 16, 18 or 48 (default: the arch's own)")
     p.add_argument("--has_edge", type=str2bool, help="build the edge head (True/False)")
-    p.add_argument("--dataset_dir", help="Cityscapes root (default: $CITYSCAPES_DATASET, else the synthetic dataset)")
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
     p.add_argument("--batch_size", type=int, help="images per process")
     p.add_argument("--num_workers", type=int, help="data-loading workers per process")
@@ -243,7 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inverseform_path", help="regressor for the validation loss's InverseForm term")
     p.add_argument("--boundary_tolerance", type=int, help="pixels, for the boundary F-score")
     p.add_argument("--max_images", type=int, help="evaluate only the first N images")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
     p.add_argument("--model_summary", type=str2bool, nargs="?", const=True, default=False,
                    help="print parameters and FLOPs at 1024x2048 and exit")
     # Accepted for compatibility with the reference's command line; native DDP/AMP replace them.
@@ -251,34 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--syncbn", type=str2bool, default=None, help=argparse.SUPPRESS)
     p.add_argument("--fp16", type=str2bool, default=None, help=argparse.SUPPRESS)
     p.add_argument("--crop_size", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    overrides: List[str] = list(args.opt)
-    flags = {
-        "output_dir": "output_dir", "arch": "model.arch", "hrnet_base": "model.hrnet_base",
-        "has_edge": "model.has_edge", "dataset_dir": "data.dataset_dir", "batch_size": "val.batch_size",
-        "num_workers": "val.num_workers", "amp": "val.amp", "scales": "model.eval_scales",
-        "dump_predictions": "val.dump_predictions", "inverseform_path": "loss.inverseform_path",
-        "boundary_tolerance": "val.boundary_tolerance", "max_images": "val.max_images", "device": "train.device",
-    }
-    for flag, key in flags.items():
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        if flag == "scales":
-            value = "[" + str(value) + "]"
-        elif flag == "amp" and value == "on":
-            value = "bf16"
-        elif flag == "output_dir":
-            value = os.fspath(value)
-        overrides.append(f"{key}={value}")
-    if args.fp16 is not None and args.amp is None:
-        overrides.append(f"val.amp={'fp16' if args.fp16 else 'off'}")
-    defaults = {"output_dir": "runs/validation"}
-    return load_config(ExperimentConfig, args.config, overrides, defaults=defaults)
+    if args.scales is not None:
+        args.scales = "[" + str(args.scales) + "]"
+    if args.amp == "on":
+        args.amp = "bf16"
+    if args.fp16 is not None and args.amp is None:  # the reference's --fp16 flag
+        args.amp = "fp16" if args.fp16 else "off"
+    overrides = flag_overrides(args, {
+        **SHARED_FLAGS, "arch": "model.arch", "hrnet_base": "model.hrnet_base", "has_edge": "model.has_edge",
+        "batch_size": "val.batch_size", "num_workers": "val.num_workers", "amp": "val.amp",
+        "scales": "model.eval_scales", "dump_predictions": "val.dump_predictions",
+        "inverseform_path": "loss.inverseform_path", "boundary_tolerance": "val.boundary_tolerance",
+        "max_images": "val.max_images"})
+    return load_config(ExperimentConfig, args.config, overrides, defaults={"output_dir": "runs/validation"})
 
 
 def build_model(cfg: ExperimentConfig) -> torch.nn.Module:
