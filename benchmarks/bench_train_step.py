@@ -7,7 +7,8 @@ One step = forward in train mode, the full objective of experiment/train.py (joi
 main and auxiliary outputs), backward and an SGD step.  The InverseForm term uses a randomly
 initialised regressor of the released layout (224 x 224 tiles, 100M parameters): its cost does
 not depend on the weights.  Prints the median step time of each variant (after warm-up), the
-relative overhead of the term, images/s, and on CUDA the peak memory.
+relative overhead of the term, images/s, and on CUDA the peak memory.  The two variants are
+timed step by step in alternation, so that changes of the machine's speed affect both alike.
 """
 import argparse
 import os
@@ -31,33 +32,60 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def step_times(arch, inverseform, args, device, amp_dtype):
-    torch.manual_seed(0)
-    net = get_net(arch, has_edge=True).to(device).train()
-    objective = SegmentationObjective(LossConfig(), 19, inverseform).to(device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    images = torch.randn(args.batch, 3, args.height, args.width, device=device)
-    labels = torch.randint(0, 19, (args.batch, args.height, args.width), device=device)
-    edges = (torch.rand(args.batch, 1, args.height, args.width, device=device) < 0.1).float()
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(args.warmup + args.repeats):
-        sync(device)
+class Setup:
+    """One model, objective and optimizer; ``step()`` runs and times one training step."""
+
+    def __init__(self, arch, inverseform, args, device, amp_dtype):
+        torch.manual_seed(0)
+        self.device, self.amp_dtype = device, amp_dtype
+        self.net = get_net(arch, has_edge=True).to(device).train()
+        self.objective = SegmentationObjective(LossConfig(), 19, inverseform).to(device)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=1e-3, momentum=0.9)
+        self.images = torch.randn(args.batch, 3, args.height, args.width, device=device)
+        self.labels = torch.randint(0, 19, (args.batch, args.height, args.width), device=device)
+        self.edges = (torch.rand(args.batch, 1, args.height, args.width, device=device) < 0.1).float()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.times = []
+
+    def step(self, record):
+        sync(self.device)
         start = time.perf_counter()
-        with autocast(device, amp_dtype):
-            out = net(images)
-        loss, _ = objective(out, labels, edges)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    return statistics.median(times), peak
+        with autocast(self.device, self.amp_dtype):
+            out = self.net(self.images)
+        loss, _ = self.objective(out, self.labels, self.edges)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        sync(self.device)
+        if record:
+            self.times.append(time.perf_counter() - start)
+
+
+def measure(arch, inverseform, args, device, amp_dtype):
+    """Median step times without and with the term, the two interleaved step by step (in
+    alternating order) so that drifts of the machine's speed affect both alike."""
+    setups = [Setup(arch, None, args, device, amp_dtype), Setup(arch, inverseform, args, device, amp_dtype)]
+    for i in range(args.warmup + args.repeats):
+        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+            setups[k].step(record=i >= args.warmup)
+    times = [statistics.median(s.times) for s in setups]
+    del setups
+    return times, [peak_memory(arch, term, args, device, amp_dtype) for term in (None, inverseform)]
+
+
+def peak_memory(arch, inverseform, args, device, amp_dtype):
+    """GiB of CUDA memory at the peak of a training step, one setup alone on the device."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    setup = Setup(arch, inverseform, args, device, amp_dtype)
+    setup.step(record=False)
+    torch.cuda.reset_peak_memory_stats(device)
+    setup.step(record=False)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    del setup
+    return peak
 
 
 def main():
@@ -66,7 +94,7 @@ def main():
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=("off", "bf16", "fp16", "both"), default="off",
@@ -80,8 +108,7 @@ def main():
           f"median of {args.repeats} after {args.warmup} warm-up step(s)")
     for arch in args.archs:
         for amp_dtype in amps:
-            without, peak0 = step_times(arch, None, args, device, amp_dtype)
-            with_if, peak1 = step_times(arch, inverseform, args, device, amp_dtype)
+            (without, with_if), (peak0, peak1) = measure(arch, inverseform, args, device, amp_dtype)
             amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
             line = (f"{arch:<20} {amp_name}: without InverseForm {without:.3f} s/step "
                     f"({args.batch / without:.2f} img/s), with {with_if:.3f} s/step ({args.batch / with_if:.2f} img/s), "

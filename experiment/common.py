@@ -94,13 +94,14 @@ def seed_everything(seed: int) -> None:
 
 
 class Rank0Writer:
-    """TensorBoard on rank 0, silent elsewhere; also a no-op after ``close``."""
+    """TensorBoard on rank 0, silent elsewhere; also a no-op after ``close``.  ``purge_step``: a
+    resumed run hides the events an interrupted run wrote at or after that step."""
 
-    def __init__(self, log_dir: str, enabled: bool):
+    def __init__(self, log_dir: str, enabled: bool, purge_step: Optional[int] = None):
         self._writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(log_dir=log_dir)
+            self._writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         writer = self.__dict__.get("_writer")

@@ -14,7 +14,7 @@ import torch
 
 from experiment.common import UserError
 from utils import dist
-from utils.io import atomic_torch_save
+from utils.io import atomic_torch_save, atomic_write_text
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,10 +38,18 @@ def check_finite(losses: Mapping[str, torch.Tensor], iteration: int, epoch: int,
 
 
 class History:
-    """``train_log.jsonl``: one JSON line per logged interval (rank 0 only), appended across resumes."""
+    """``train_log.jsonl``: one JSON line per logged interval (rank 0 only), appended across
+    resumes.  A run resumed at iteration ``start`` first drops the lines after ``start`` that an
+    interrupted run wrote past its last checkpoint, so each iteration appears once."""
 
-    def __init__(self, path: str, enabled: bool):
+    def __init__(self, path: str, enabled: bool, start: int = 0):
         self.path, self.enabled = path, enabled
+        if enabled and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                lines = [line for line in f if line.strip()]
+            kept = [line for line in lines if json.loads(line).get("iteration", 0) <= start]
+            if len(kept) != len(lines):
+                atomic_write_text(path, "".join(kept))
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self.enabled:

@@ -191,7 +191,8 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = False,
             checkpoint(best_path, iteration, epoch, metrics)
         return metrics
 
-    writer = Rank0Writer(os.path.join(cfg.output_dir, "tensorboard"), ctx.is_main)
+    writer = Rank0Writer(os.path.join(cfg.output_dir, "tensorboard"), ctx.is_main,
+                         purge_step=start + 1 if start else None)
     per_epoch = len(loader.sampler) // loader.batch_size
     log.info("%s (hrnet_base %s, has_edge %s): %s parameters; %s (%s), %d images/epoch, %d iterations "
              "(%d epochs x %d) x batch %d x %d processes; amp %s; InverseForm %s",
@@ -202,7 +203,7 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = False,
 
     stop_at = min(total, stop_after) if stop_after is not None else total
     bar = tqdm(total=total, initial=start, desc="train", unit="it", disable=not ctx.is_main, dynamic_ncols=True)
-    history = History(os.path.join(cfg.output_dir, "train_log.jsonl"), ctx.is_main)
+    history = History(os.path.join(cfg.output_dir, "train_log.jsonl"), ctx.is_main, start)
     model.train()
     sums: Dict[str, torch.Tensor] = {}
     seen, t0, epoch, iteration = 0, time.time(), start // per_epoch, start

@@ -290,12 +290,13 @@ def train_regressor(cfg: RegressorConfig, ctx: dist.DistContext, resume: bool = 
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "iteration": step,
                 "normaliser": normaliser.to_dict(), "rng": rngs, "config": config_to_dict(cfg)})
 
-    writer = Rank0Writer(os.path.join(cfg.output_dir, "tensorboard"), ctx.is_main)
+    writer = Rank0Writer(os.path.join(cfg.output_dir, "tensorboard"), ctx.is_main,
+                         purge_step=start + 1 if start else None)
     log.info("regressor %s (%d parameters) on %s tiles of %s (%s), %d steps x %d crops x %d processes",
              kind, sum(p.numel() for p in net.parameters()), cfg.model.tile_size, root,
              "synthetic" if synthetic else "Cityscapes", total, cfg.train.images_per_batch, ctx.world_size)
     stop_at = min(total, stop_after) if stop_after is not None else total
-    history = History(os.path.join(cfg.output_dir, "train_log.jsonl"), ctx.is_main)
+    history = History(os.path.join(cfg.output_dir, "train_log.jsonl"), ctx.is_main, start)
     bar = tqdm(total=total, initial=start, desc="regressor", unit="step", disable=not ctx.is_main,
                dynamic_ncols=True)
     model.train()

@@ -113,6 +113,8 @@ def test_killed_checkpoint_write_leaves_previous_checkpoint(tiny_cityscapes, reg
                        resume=True, stop_after=2)
     assert not list(out.glob(".last.pth.*.tmp"))
     assert load_training_checkpoint(str(out / "last.pth"))["iteration"] == 2
+    # the killed run had logged iteration 2 past its checkpoint: logged once, by the resumed run
+    assert [r["iteration"] for r in history(out)] == [1, 2]
 
 
 def test_bf16_autocast_on_cpu(tiny_cityscapes, regressor, tmp_path, ctx):
@@ -169,3 +171,28 @@ def test_shipped_configs_are_valid(name):
         import models
 
         models.get_net(cfg.model.arch, hrnet_base=cfg.model.hrnet_base, has_edge=cfg.model.has_edge)
+
+
+def test_fine_tuning_and_imagenet_backbone_initialise_the_model(tiny_cityscapes, regressor, tmp_path, ctx):
+    """model.init_checkpoint (a released-format file) and model.pretrained_backbone (the HRNet
+    authors' ImageNet format: trunk keys without 'backbone.', plus a classifier) reach the network."""
+    import models
+    from models.testing import synthetic_state_dict
+
+    donor = models.get_net("lighthrnet.HRNet16", has_edge=True)
+    weights = synthetic_state_dict(donor.state_dict(), seed=3)
+    released = tmp_path / "released.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}}, released)
+    imagenet = tmp_path / "imagenet.pth"
+    trunk = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
+    torch.save({**trunk, "classifier.weight": torch.zeros(1000, 2048), "classifier.bias": torch.zeros(1000)}, imagenet)
+    conv = "backbone.stage4.0.branches.3.0.conv1.weight"
+
+    for key, path, expected in (("model.init_checkpoint", released, ("hrhead.last_layer.0.weight", conv)),
+                                ("model.pretrained_backbone", imagenet, (conv,))):
+        out = tmp_path / key
+        _, net = train(config(tiny_cityscapes, out, regressor, **{key: path, "optim.lr": 1e-9, "train.max_iters": 1,
+                                                                   "optim.weight_decay": 0.0}), ctx)
+        for name in expected:  # one step of lr 1e-9 away from the file's values, far from a fresh init
+            torch.testing.assert_close(net.state_dict()[name], weights[name], rtol=0, atol=1e-6)
+            assert not torch.allclose(donor.state_dict()[name], weights[name], atol=1e-3)
