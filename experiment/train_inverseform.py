@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from datasets import Cityscapes, TrainTransform
 from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides, resolve_amp,
-                               run_main, script_parser, seed_everything)
+                               run_main, script_parser, seed_everything, set_threads_for_cpu)
 from experiment.config import RegressorConfig
 from experiment.data import dataset_root, train_loader
 from experiment.engine import (History, batch_stream, check_finite, human_time, load_training_checkpoint,
@@ -393,7 +393,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     def run() -> None:
         cfg = config_from_args(args)
         ctx = dist.init_distributed(cfg.train.device)
-        dist.setup_logging(cfg.output_dir, ctx.rank)
+        set_threads_for_cpu(ctx.world_size)
+        dist.setup_logging(cfg.output_dir, ctx.rank, filename="train_log.txt")
         train_regressor(cfg, ctx, resume=args.resume, stop_after=args.stop_after)
 
     run_main(run)
