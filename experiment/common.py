@@ -153,6 +153,22 @@ def run_main(main: Callable[[], Any]) -> None:
     dist.cleanup()
 
 
+def script_main(args: argparse.Namespace, config_from_args: Callable[[argparse.Namespace], Any],
+                body: Callable[[Any, "dist.DistContext"], Any], log_file: str) -> None:
+    """The common frame of the experiment scripts: config from the parsed arguments, distributed
+    init, CPU threads, rank-aware logging to ``OUTPUT_DIR/log_file``, then ``body(cfg, ctx)``;
+    errors become one message per rank and a non-zero exit (see :func:`run_main`)."""
+
+    def run() -> None:
+        cfg = config_from_args(args)
+        ctx = dist.init_distributed(cfg.train.device)
+        set_threads_for_cpu(ctx.world_size)
+        dist.setup_logging(cfg.output_dir, ctx.rank, filename=log_file)
+        body(cfg, ctx)
+
+    run_main(run)
+
+
 def set_threads_for_cpu(world_size: int) -> None:
     """Share the machine's cores between local CPU processes (torchrun sets OMP_NUM_THREADS=1
     only when it is unset, and a single process keeps torch's default)."""

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from datasets import colorize
 from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides, resolve_amp,
-                               run_main, script_parser, seed_everything, set_threads_for_cpu)
+                               script_main, script_parser, seed_everything)
 from experiment.config import ExperimentConfig, RegressorConfig
 from experiment.data import dataset_root, eval_loader, train_dataset, train_loader, val_dataset
 from experiment.engine import (History, NonFiniteLossError, batch_stream, check_finite, load_training_checkpoint,
@@ -291,15 +291,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-
-    def run() -> None:
-        cfg = config_from_args(args)
-        ctx = dist.init_distributed(cfg.train.device)
-        set_threads_for_cpu(ctx.world_size)
-        dist.setup_logging(cfg.output_dir, ctx.rank, filename="train_log.txt")
-        train(cfg, ctx, resume=args.resume, stop_after=args.stop_after)
-
-    run_main(run)
+    script_main(args, config_from_args,
+                lambda cfg, ctx: train(cfg, ctx, resume=args.resume, stop_after=args.stop_after), "train_log.txt")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ import torch
 from tqdm import tqdm
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD, TRAIN_CLASS_NAMES, colorize, trainid_to_labelid
-from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides, resolve_amp, run_main,
-                               script_parser, str2bool)
+from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides, resolve_amp,
+                               script_main, script_parser, str2bool)
 from experiment.config import ExperimentConfig
 from experiment.data import dataset_root, eval_loader, val_dataset
 from experiment.losses import joint_loss, load_inverseform
@@ -336,15 +336,12 @@ def validate(cfg: ExperimentConfig, model_path: str, ctx: dist.DistContext, spli
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
 
-    def run() -> None:
-        cfg = config_from_args(args)
-        ctx = dist.init_distributed(cfg.train.device)
-        dist.setup_logging(cfg.output_dir, ctx.rank, filename="validation_log.txt")
+    def body(cfg: ExperimentConfig, ctx: dist.DistContext) -> None:
         if args.apex or args.syncbn:
             log.info("--apex/--syncbn are accepted for compatibility: this code uses native DDP and AMP")
         validate(cfg, args.model_path, ctx, split=args.split, model_summary=args.model_summary)
 
-    run_main(run)
+    script_main(args, config_from_args, body, "validation_log.txt")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,20 @@ def _check_images(images: torch.Tensor) -> None:
         raise ValueError(f"expected images of shape N x 3 x H x W, got {tuple(images.shape)}")
 
 
+def _add_edge_outputs(out: Outputs, net: nn.Module, edge_logits: torch.Tensor, trunk_feats: torch.Tensor,
+                      size) -> None:
+    """The edge outputs of AuxHRNet/OCRNet: in training the main edge logits and the auxiliary
+    ``edge_head`` logits (sigmoid left to the loss); in evaluation the reference's ``edge_pred``
+    (logits) and its probability."""
+    edge = resize_to(edge_logits, size)
+    if net.training:
+        out["edge"] = edge
+        out["edge_aux"] = resize_to(net.edge_head(trunk_feats), size)
+    else:
+        out["edge_pred"] = edge
+        out["edge_prob"] = torch.sigmoid(edge)
+
+
 class AuxHRNet(nn.Module):
     """HRNet + a per-pixel head (``ocrnet.AuxHRNet``; ``lighthrnet.HRNet16`` with a
     slim head).
@@ -60,13 +74,7 @@ class AuxHRNet(nn.Module):
         if self.training:
             out["aux"] = resize_to(self.aux_head(feats), size)
         if self.has_edge:
-            edge = resize_to(self.edgeocr_cls_head(feats), size)
-            if self.training:
-                out["edge"] = edge
-                out["edge_aux"] = resize_to(self.edge_head(feats), size)
-            else:
-                out["edge_pred"] = edge
-                out["edge_prob"] = torch.sigmoid(edge)
+            _add_edge_outputs(out, self, self.edgeocr_cls_head(feats), feats, size)
         return out
 
 
@@ -100,13 +108,7 @@ class OCRNet(nn.Module):
         if self.training:
             out["aux"] = resize_to(aux, size)
         if self.has_edge:
-            edge = resize_to(self.edgeocr_cls_head(ocr_feats), size)
-            if self.training:
-                out["edge"] = edge
-                out["edge_aux"] = resize_to(self.edge_head(feats), size)
-            else:
-                out["edge_pred"] = edge
-                out["edge_prob"] = torch.sigmoid(edge)
+            _add_edge_outputs(out, self, self.edgeocr_cls_head(ocr_feats), feats, size)
         return out
 
 
