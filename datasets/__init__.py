@@ -21,6 +21,10 @@ _LAZY = {
     "DistributedEvalSampler": "samplers",
     "ensure_synthetic": "synthetic",
     "generate_synthetic": "synthetic",
+    "ScribbleCityscapes": "scribbles",
+    "draw_scribbles": "scribbles",
+    "VOCSegmentation": "voc",
+    "VOC_NUM_CLASSES": "voc",
 }
 
 __all__ = ["edge_target", "IGNORE_INDEX", "NUM_CLASSES", "TRAIN_CLASS_COLORS", "TRAIN_CLASS_NAMES",

@@ -24,8 +24,9 @@ Seeding (deterministic, resumable, independent of workers):
     same list and the sampler's shuffle (also seeded by (seed, epoch)) partitions it;
   * call ``dataset.set_epoch(e)`` *and* ``sampler.set_epoch(e)`` before iterating epoch e
     in the main process.  DataLoader workers receive a copy of the dataset when the
-    iterator is created, so do not use ``persistent_workers=True`` (the workers would keep
-    the epoch they were started with).
+    iterator is created, so do not use ``persistent_workers=True`` with this dataset alone
+    (the workers would keep the epoch they were started with); ``datasets/epoch_aware.py``
+    makes persistent workers exact by passing the epoch with every index.
 
 OpenCV note: do not call ``cv2.setNumThreads`` inside forked DataLoader workers (e.g. in a
 ``worker_init_fn``) once the parent process has used OpenCV: with opencv-python 5.0 this

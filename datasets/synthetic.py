@@ -772,14 +772,18 @@ def main(argv=None):
         prog="inverseform-synthetic",
         description="Write a synthetic dataset in the exact Cityscapes layout "
                     "(leftImg8bit/, gtFine/ *_gtFine_labelIds.png with real label ids).")
-    parser.add_argument("--out", required=True, help="output root directory")
+    parser.add_argument_group("required arguments").add_argument("--out", required=True,
+                                                                 help="output root directory")
     parser.add_argument("--train", type=int, default=DEFAULTS["train"], help="train images")
     parser.add_argument("--val", type=int, default=DEFAULTS["val"], help="val images")
     parser.add_argument("--test", type=int, default=DEFAULTS["test"],
                         help="test images (their label files hold only void ids, as in Cityscapes)")
-    parser.add_argument("--height", type=int, default=DEFAULTS["height"])
-    parser.add_argument("--width", type=int, default=DEFAULTS["width"])
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument("--height", type=int, default=DEFAULTS["height"],
+                        help=f"image height in pixels (default {DEFAULTS['height']})")
+    parser.add_argument("--width", type=int, default=DEFAULTS["width"],
+                        help=f"image width in pixels (default {DEFAULTS['width']})")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                        help="random seed: the same seed and sizes give byte-identical files")
     parser.add_argument("--color", action="store_true", help="also write *_gtFine_color.png")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -12,7 +12,9 @@ A transform is a callable ``t(image, label, rng=None, center=None) -> dict`` wit
 
 returning ``{'image': float32 3 x h x w normalised, 'label': int64 h x w, 'edge': float32
 1 x h x w in {0, 1}}``.  The edge target is computed from the final label, after every
-geometric transform.
+geometric transform.  With ``with_roi=True`` the dict also holds ``'roi'``: float32 h x w,
+1 where the output shows the image and 0 on padding.  Weak supervision needs it because the
+label pads with 255, the same value as "unlabeled" in partial labels (scribbles).
 """
 import math
 
@@ -70,14 +72,19 @@ def _finish(image, label, mean, std, edge_radius, ignore_index):
 class ValTransform:
     """Validation/test: no geometry, only normalisation, at full resolution."""
 
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, edge_radius=2, ignore_index=IGNORE_INDEX):
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, edge_radius=2, ignore_index=IGNORE_INDEX,
+                 with_roi=False):
         self.mean, self.std = tuple(mean), tuple(std)
         self.edge_radius = edge_radius
         self.ignore_index = ignore_index
+        self.with_roi = with_roi
 
     def __call__(self, image, label, rng=None, center=None):
         _check_image(image, label)
-        return _finish(image, label, self.mean, self.std, self.edge_radius, self.ignore_index)
+        sample = _finish(image, label, self.mean, self.std, self.edge_radius, self.ignore_index)
+        if self.with_roi:
+            sample["roi"] = torch.ones(image.shape[:2], dtype=torch.float32)
+        return sample
 
     def __repr__(self):
         return f"ValTransform(edge_radius={self.edge_radius})"
@@ -110,7 +117,7 @@ class TrainTransform:
 
     def __init__(self, crop_size=(1024, 1024), scale_range=(0.5, 2.0), flip=True, color_jitter=None,
                  blur_prob=0.0, ignore_index=IGNORE_INDEX, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 edge_radius=2):
+                 edge_radius=2, with_roi=False):
         if crop_size is not None:
             if isinstance(crop_size, int):
                 crop_size = (crop_size, crop_size)
@@ -139,6 +146,7 @@ class TrainTransform:
         self.ignore_index = ignore_index
         self.mean, self.std = tuple(mean), tuple(std)
         self.edge_radius = edge_radius
+        self.with_roi = with_roi
         self._pad_color = tuple(float(round(255.0 * m)) for m in self.mean)
 
     def __repr__(self):
@@ -164,9 +172,11 @@ class TrainTransform:
         at = int(rng.integers(first, last + 1))     # output pixel that shows `center`
         return center - at * step, step
 
-    def _geometry(self, image, label, rng, center):
+    def _geometry(self, image, label, rng, center, with_roi=False):
         """Scale, pad, crop and flip ``image`` and ``label`` alike; either may be None (not
-        both): the random draws are the same, so a label-only call crops what a full call would."""
+        both): the random draws are the same, so a label-only call crops what a full call would.
+        Returns (image, label, roi): roi (uint8, 1 = inside the source image, 0 = padding, warped
+        exactly as the label) when ``with_roi``, else None."""
         h, w = (image if image is not None else label).shape[:2]
         out_h, out_w = self.crop_size if self.crop_size is not None else (h, w)
         scale = rng.uniform(*self.scale_range)
@@ -184,10 +194,15 @@ class TrainTransform:
         if label is not None:
             label = cv2.warpAffine(label, matrix, (out_w, out_h), flags=cv2.INTER_NEAREST | flags,
                                    borderMode=cv2.BORDER_CONSTANT, borderValue=float(self.ignore_index))
+        roi = None
+        if with_roi:
+            roi = cv2.warpAffine(np.ones((h, w), np.uint8), matrix, (out_w, out_h), flags=cv2.INTER_NEAREST | flags,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
         if self.flip and rng.random() < 0.5:
             image = cv2.flip(image, 1) if image is not None else None
             label = cv2.flip(label, 1) if label is not None else None
-        return image, label
+            roi = cv2.flip(roi, 1) if roi is not None else None
+        return image, label, roi
 
     def label_crop(self, label, rng, center=None):
         """The label and edge target (H x W uint8 each) of the crop that ``__call__`` would make
@@ -198,7 +213,7 @@ class TrainTransform:
         if label is None or label.ndim != 2 or label.dtype != np.uint8:
             raise ValueError(f"TrainTransform.label_crop: label must be an H x W uint8 array, got "
                              f"{None if label is None else (label.shape, label.dtype)}")
-        _, label = self._geometry(None, label, rng, center)
+        _, label, _ = self._geometry(None, label, rng, center)
         return label, edge_target(label, self.edge_radius)
 
     # -- photometric ----------------------------------------------------------------------
@@ -234,9 +249,12 @@ class TrainTransform:
             raise ValueError("TrainTransform needs an explicit numpy Generator: "
                              "t(image, label, rng=np.random.default_rng(seed))")
         _check_image(image, label)
-        image, label = self._geometry(image, label, rng, center)
+        image, label, roi = self._geometry(image, label, rng, center, with_roi=self.with_roi)
         if self.color_jitter:
             image = self._jitter(image, rng)
         if self.blur_prob > 0 and rng.random() < self.blur_prob:
             image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.15, 1.3))
-        return _finish(image, label, self.mean, self.std, self.edge_radius, self.ignore_index)
+        sample = _finish(image, label, self.mean, self.std, self.edge_radius, self.ignore_index)
+        if roi is not None:
+            sample["roi"] = torch.from_numpy(roi).to(torch.float32)
+        return sample

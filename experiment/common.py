@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import sys
+import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
@@ -26,7 +27,38 @@ class UserError(Exception):
     """An error caused by the user's input (a file, a flag, a dataset): shown without a traceback."""
 
 
-USER_ERRORS = (UserError, ConfigError, FileNotFoundError, ValueError, KeyError, CheckpointMismatchError)
+class StopRequested(Exception):
+    """A stop signal (SIGTERM) reached some rank: every rank saved a checkpoint and stops with
+    ``exit_code`` (128 + the signal number, as a shell reports a process ended by it)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# OSError: unreadable/corrupt files, unwritable directories, a full disk (utils.io names the file).
+USER_ERRORS = (UserError, ConfigError, FileNotFoundError, ValueError, KeyError, CheckpointMismatchError, OSError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line: a KeyError's key unquoted, the original message of an
+    error re-raised by a DataLoader worker (not its copied traceback), never blank."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = str(text).strip()
+    if "Original Traceback" in text:  # DataLoader workers re-raise "Caught X in ...\n<traceback>"
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        text = last.split(": ", 1)[1] if last.startswith(type(exc).__name__ + ":") else last
+    return text or f"{type(exc).__name__} (no message)"
+
+
+def _in_chain(exc: BaseException, kind: type) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def str2bool(text: str) -> bool:
@@ -39,15 +71,23 @@ def str2bool(text: str) -> bool:
     raise ValueError(f"expected a boolean (True/False), got {text!r}")
 
 
-def script_parser(doc: str, output_help: str) -> argparse.ArgumentParser:
-    """The arguments every experiment script shares: --config/--opt, --output_dir, --dataset_dir,
-    --device, and torch.distributed.launch's --local_rank (accepted, unused: torchrun's
-    LOCAL_RANK variable is read instead)."""
+def script_parser(doc: str, output_help: str, opt_example: str = "optim.lr=0.01 train.amp=false",
+                  config_required: bool = False) -> argparse.ArgumentParser:
+    """The arguments every experiment script shares: --config/--opt, --output_dir (or --output-dir),
+    --dataset_dir (or --dataset-dir), --device, and torch.distributed.launch's --local_rank
+    (accepted, unused: torchrun's LOCAL_RANK variable is read instead).  ``opt_example``: real keys
+    of the script's config for --opt's help.  Required flags go in ``parser.required_arguments``,
+    listed under their own heading by --help."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--output_dir", help=output_help)
-    parser.add_argument("--dataset_dir",
+    parser.required_arguments = parser.add_argument_group("required arguments")  # type: ignore[attr-defined]
+    add_config_arguments(parser, opt_example=opt_example, required=config_required,
+                         group=parser.required_arguments if config_required else None,  # type: ignore[attr-defined]
+                         config_help="YAML config file, or the name of a shipped one (e.g. synthetic); repeat "
+                                     "to merge several (later ones win).  Its relative paths resolve against "
+                                     "its project, not the current directory")
+    parser.add_argument("--output_dir", "--output-dir", dest="output_dir", help=output_help)
+    parser.add_argument("--dataset_dir", "--dataset-dir", dest="dataset_dir",
                         help="Cityscapes root (default: $CITYSCAPES_DATASET, else the synthetic dataset)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -118,34 +158,55 @@ class Rank0Writer:
 def on_main_first(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on rank 0 only (e.g. make a dataset), then share its result or its error
     with every rank, so that all of them fail together instead of waiting forever."""
-    result, error = None, None
+    result, error, caught = None, None, None
     if dist.is_main_process():
         try:
             result = fn()
         except USER_ERRORS as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            caught = exc
+            error = one_line(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {one_line(exc)}"
     shared = dist.broadcast_object((result, error))
     result, error = shared
+    if caught is not None:  # rank 0 reports its own error as it is
+        raise caught
     if error is not None:
         raise UserError(f"on rank 0: {error}")
     return result
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Call ``main``; on failure print one message per rank, tear down, exit non-zero."""
+    """Call ``main``; on failure print one message per rank (only rank 0 for an error marked
+    ``same_on_every_rank``: the others exit quietly with the same code), tear down, exit non-zero."""
     try:
         main()
     except KeyboardInterrupt:
         print(f"[rank {dist.get_rank()}] interrupted", file=sys.stderr)
         dist.cleanup()
         sys.exit(130)
-    except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"[rank {dist.get_rank()}] error: {message}", file=sys.stderr)
+    except StopRequested as exc:
+        print(f"[rank {dist.get_rank()}] {exc}", file=sys.stderr)
         sys.stderr.flush()
         dist.cleanup()
-        sys.exit(2 if isinstance(exc, ConfigError) else 1)
-    except Exception:  # an unexpected failure: keep the traceback
+        sys.exit(exc.exit_code)
+    except USER_ERRORS as exc:
+        code = 2 if isinstance(exc, ConfigError) else 1
+        if getattr(exc, "same_on_every_rank", False):  # e.g. a bad flag or a missing file: rank 0 reports
+            rank = dist.get_rank() if dist.is_dist() else int(os.environ.get("RANK", "0") or 0)
+            if rank != 0:
+                time.sleep(2.0)  # let rank 0 report before torchrun stops the job
+                dist.cleanup()
+                sys.exit(code)
+            print(f"[rank 0] error: {one_line(exc)}", file=sys.stderr)
+        else:
+            print(f"[rank {dist.get_rank()}] error: {one_line(exc)}", file=sys.stderr)
+        sys.stderr.flush()
+        dist.cleanup()
+        sys.exit(code)
+    except Exception as exc:  # an unexpected failure: keep the traceback
+        if _in_chain(exc, KeyboardInterrupt):  # a Ctrl-C that a library wrapped in its own error
+            print(f"[rank {dist.get_rank()}] interrupted", file=sys.stderr)
+            dist.cleanup()
+            sys.exit(130)
         print(f"[rank {dist.get_rank()}] unexpected error:\n{traceback.format_exc()}", file=sys.stderr)
         sys.stderr.flush()
         dist.cleanup()
@@ -160,7 +221,11 @@ def script_main(args: argparse.Namespace, config_from_args: Callable[[argparse.N
     errors become one message per rank and a non-zero exit (see :func:`run_main`)."""
 
     def run() -> None:
-        cfg = config_from_args(args)
+        try:
+            cfg = config_from_args(args)
+        except USER_ERRORS as exc:  # from the arguments and files alone: the same on every rank
+            exc.same_on_every_rank = True  # type: ignore[attr-defined]
+            raise
         ctx = dist.init_distributed(cfg.train.device)
         set_threads_for_cpu(ctx.world_size)
         dist.setup_logging(cfg.output_dir, ctx.rank, filename=log_file)

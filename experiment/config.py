@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional, Tuple
 
-from utils.config import ConfigError
+from utils.config import ConfigError, path_field
 
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 _AMP_ALIASES = {"false": "off", "no": "off", "none": "off", "on": "bf16", "true": "bf16", "yes": "bf16"}
@@ -20,6 +20,18 @@ def _amp_mode(value: str, key: str) -> str:
     """Normalise an AMP setting (YAML turns a bare `off` into false)."""
     mode = _AMP_ALIASES.get(str(value).lower(), str(value).lower())
     _check(mode in AMP_MODES, f"config key '{key}' must be one of {AMP_MODES}, got {value!r}")
+    return mode
+
+
+COMPILE_MODES = ("off", "on", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
+                 "eager", "aot_eager")
+_COMPILE_ALIASES = {"false": "off", "no": "off", "none": "off", "true": "on", "yes": "on"}
+
+
+def _compile_mode(value: str, key: str) -> str:
+    """Normalise a torch.compile setting (experiment/acceleration.py; YAML turns `on` into true)."""
+    mode = _COMPILE_ALIASES.get(str(value).lower(), str(value).lower())
+    _check(mode in COMPILE_MODES, f"config key '{key}' must be one of {COMPILE_MODES}, got {value!r}")
     return mode
 
 
@@ -42,8 +54,8 @@ class SyntheticConfig:
 @dataclasses.dataclass
 class DataConfig:
     # Root of a Cityscapes tree.  None: $CITYSCAPES_DATASET, else the synthetic dataset.
-    dataset_dir: Optional[str] = None
-    synthetic_dir: str = "data/synthetic_cityscapes"
+    dataset_dir: Optional[str] = path_field(None)
+    synthetic_dir: str = path_field("data/synthetic_cityscapes")
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     train_split: str = "train"
     val_split: str = "val"
@@ -66,6 +78,7 @@ class DataConfig:
         _check(0.0 <= self.blur_prob <= 1.0, f"config key 'data.blur_prob' must be in [0, 1], got {self.blur_prob}")
         _check(self.edge_radius >= 1, f"config key 'data.edge_radius' must be >= 1, got {self.edge_radius}")
         _check(self.num_workers >= 0, f"config key 'data.num_workers' must be >= 0, got {self.num_workers}")
+        _check(0.0 <= self.color_jitter, f"config key 'data.color_jitter' must be >= 0, got {self.color_jitter}")
 
 
 @dataclasses.dataclass
@@ -74,10 +87,17 @@ class ModelConfig:
     hrnet_base: Optional[int] = None     # None: the arch's own trunk width
     has_edge: bool = True
     num_classes: int = 19
-    pretrained_backbone: Optional[str] = None  # ImageNet HRNet file (HRNet authors' format)
-    init_checkpoint: Optional[str] = None      # fine-tune from a released/earlier checkpoint
+    pretrained_backbone: Optional[str] = path_field(None)  # ImageNet HRNet file (HRNet authors' format)
+    init_checkpoint: Optional[str] = path_field(None)      # fine-tune from a released/earlier checkpoint
     sync_bn: bool = True                        # SyncBatchNorm when more than one process
-    eval_scales: Optional[List[float]] = None   # HMS hierarchical inference scales; None: model default
+    # HMS: its hierarchical attention scales (None: the model's default).  Other archs: scales whose
+    # logits are averaged at evaluation/inference (experiment/inference.py); None: single scale.
+    eval_scales: Optional[List[float]] = None
+
+    def validate(self) -> None:
+        _check(self.num_classes >= 1, f"config key 'model.num_classes' must be >= 1, got {self.num_classes}")
+        _check(not self.eval_scales or min(self.eval_scales) > 0,
+               f"config key 'model.eval_scales' must be positive, got {self.eval_scales}")
 
 
 @dataclasses.dataclass
@@ -91,15 +111,28 @@ class LossConfig:
     attention_threshold: float = 0.8
     # The frozen InverseForm regressor.  Missing file: the term is left out (with a notice),
     # unless `regressor_config` is set, in which case a regressor is trained first.
-    inverseform_path: Optional[str] = "checkpoints/distance_measures_regressor.pth"
+    inverseform_path: Optional[str] = path_field("checkpoints/distance_measures_regressor.pth")
     # euclidean: as released (for a trained 4/6/8-parameter net, ||theta_hat - I||_F of the
     # de-normalised parameters); normalised: the L2 norm of the regressor's raw (normalised)
     # output whatever the parameterisation; geodesic: the paper's SO(3) form.
     inverseform_distance: str = "euclidean"
     inverseform_tile_factor: int = 3
-    regressor_config: Optional[str] = None
+    regressor_config: Optional[str] = path_field(None, kind="config")
+    # DenseCRF regularized loss (rloss/, weak supervision: the `weak` section).  Published (VOC,
+    # 513 x 513 crops): weight 2e-9, sigma_rgb 15, sigma_xy 100 (full-resolution pixels), scale 0.5.
+    densecrf_weight: float = 0.0
+    densecrf_sigma_rgb: float = 15.0
+    densecrf_sigma_xy: float = 100.0
+    densecrf_scale: float = 0.5
+    densecrf_kernel: str = "permutohedral"   # or "exact" (dense Gaussian, small images; see rloss/filter.py)
 
     def validate(self) -> None:
+        _check(self.densecrf_weight >= 0, f"config key 'loss.densecrf_weight' must be >= 0, got {self.densecrf_weight}")
+        _check(self.densecrf_sigma_rgb > 0 and self.densecrf_sigma_xy > 0 and 0 < self.densecrf_scale <= 1,
+               "config keys 'loss.densecrf_sigma_rgb', 'loss.densecrf_sigma_xy' must be > 0 and 'loss.densecrf_scale' "
+               f"in (0, 1], got {self.densecrf_sigma_rgb}, {self.densecrf_sigma_xy}, {self.densecrf_scale}")
+        _check(self.densecrf_kernel in ("permutohedral", "exact"),
+               f"config key 'loss.densecrf_kernel' must be permutohedral or exact, got {self.densecrf_kernel!r}")
         _check(self.inverseform_distance in ("euclidean", "normalised", "geodesic"),
                "config key 'loss.inverseform_distance' must be euclidean, normalised or geodesic, "
                f"got {self.inverseform_distance!r}")
@@ -119,6 +152,9 @@ class OptimConfig:
 
     def validate(self) -> None:
         _check(self.lr > 0, f"config key 'optim.lr' must be > 0, got {self.lr}")
+        _check(self.momentum >= 0, f"config key 'optim.momentum' must be >= 0, got {self.momentum}")
+        _check(self.weight_decay >= 0, f"config key 'optim.weight_decay' must be >= 0, got {self.weight_decay}")
+        _check(self.poly_power >= 0, f"config key 'optim.poly_power' must be >= 0, got {self.poly_power}")
         _check(self.warmup_iters >= 0, f"config key 'optim.warmup_iters' must be >= 0, got {self.warmup_iters}")
         _check(0 < self.warmup_factor <= 1, f"config key 'optim.warmup_factor' must be in (0, 1], got {self.warmup_factor}")
 
@@ -136,15 +172,21 @@ class TrainConfig:
     image_interval: int = 200         # iterations between TensorBoard sample images
     val_interval: int = 1             # epochs between validations (0: only at the end)
     checkpoint_interval: int = 0      # iterations between `last` checkpoints (0: every epoch)
+    compile: str = "off"              # torch.compile of the model: off, on, max-autotune, ... (--compile)
 
     def validate(self) -> None:
         _check(self.epochs >= 1, f"config key 'train.epochs' must be >= 1, got {self.epochs}")
+        self.compile = _compile_mode(self.compile, "train.compile")
         _check(self.max_iters is None or self.max_iters >= 1,
                f"config key 'train.max_iters' must be >= 1, got {self.max_iters}")
         _check(self.batch_size >= 1, f"config key 'train.batch_size' must be >= 1, got {self.batch_size}")
         self.amp = _amp_mode(self.amp, "train.amp")
         _check(self.device in ("auto", "cpu", "cuda"),
                f"config key 'train.device' must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.log_interval >= 1, f"config key 'train.log_interval' must be >= 1, got {self.log_interval}")
+        for name in ("image_interval", "val_interval", "checkpoint_interval"):
+            _check(getattr(self, name) >= 0,
+                   f"config key 'train.{name}' must be >= 0 (0: off), got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -156,23 +198,119 @@ class ValConfig:
     boundary_tolerance: int = 2      # pixels, for the boundary F-score
     num_images_logged: int = 4       # TensorBoard sample images
     max_images: Optional[int] = None  # evaluate only the first N images (quick checks)
+    # Test-time inference modes (experiment/inference.py); whole image, no flip by default.
+    sliding_window: bool = False     # average the logits of overlapping window_size crops
+    window_size: Tuple[int, int] = (1024, 1024)   # H, W
+    window_stride: Tuple[int, int] = (768, 768)   # H, W; at most window_size
+    flip: bool = False               # average with the horizontally flipped image's prediction
+    compile: str = "off"             # torch.compile of the eval forward (validation.py --compile)
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, f"config key 'val.batch_size' must be >= 1, got {self.batch_size}")
+        _check(len(self.window_size) == 2 and min(self.window_size) >= 1,
+               f"config key 'val.window_size' must be two positive ints (H, W), got {self.window_size}")
+        _check(len(self.window_stride) == 2 and min(self.window_stride) >= 1
+               and all(s <= w for s, w in zip(self.window_stride, self.window_size)),
+               f"config key 'val.window_stride' must be two positive ints no larger than val.window_size "
+               f"{self.window_size}, got {self.window_stride}")
         self.amp = _amp_mode(self.amp, "val.amp")
+        self.compile = _compile_mode(self.compile, "val.compile")
         _check(self.boundary_tolerance >= 0,
                f"config key 'val.boundary_tolerance' must be >= 0, got {self.boundary_tolerance}")
+        _check(self.num_workers >= 0, f"config key 'val.num_workers' must be >= 0, got {self.num_workers}")
+        _check(self.max_images is None or self.max_images >= 1,
+               f"config key 'val.max_images' (--max_images) must be >= 1, got {self.max_images}")
+
+
+@dataclasses.dataclass
+class NUSConfig:
+    """Learned non-uniform downsampling (experiment/nus.py; Marin et al., ICCV 2019).  ``mode``:
+    off (the usual training), uniform (baseline), adaptive (auxiliary net), compare (both)."""
+    mode: str = "off"
+    sampling_size: Tuple[int, int] = (192, 192)   # H, W of the image the segmentation net sees
+    compare_sizes: List[int] = dataclasses.field(default_factory=list)  # compare: square sizes (empty: sampling_size)
+    gather: str = "nearest"                        # nearest (reference) or bilinear
+    alpha: float = 0.5                             # target regularisation (datasets.nus_targets)
+    target_classes: List[int] = dataclasses.field(default_factory=lambda: list(range(11, 19)))
+    aux_input_size: int = 64
+    aux_output_stride: int = 8                     # grid of aux_input_size / aux_output_stride
+    aux_width: float = 0.25
+    aux_steps: int = 30000
+    aux_batch_size: int = 32
+    aux_lr: float = 0.007
+    aux_weight_decay: float = 4.0e-5
+    aux_checkpoint: Optional[str] = path_field(None)  # a trained auxiliary net (else trained first)
+    seg_output_stride: int = 16                    # deeplabv3.MobileNetV2 only
+    val_crop: Optional[Tuple[int, int]] = None     # central crop (H, W) for validation; None: whole image
+    seg_width: float = 1.0                         # deeplabv3.MobileNetV2 only: MobileNetV2 width multiplier
+    # CPU threads of the run (None: torch's default).  On a busy small CPU one thread avoids
+    # OpenMP threads fighting over cores (15x faster MobileNetV2 steps on the shared 2-core machine).
+    cpu_threads: Optional[int] = None
+
+    def validate(self) -> None:
+        _check(self.mode in ("off", "uniform", "adaptive", "compare"),
+               f"config key 'nus.mode' must be off, uniform, adaptive or compare, got {self.mode!r}")
+        _check(len(self.sampling_size) == 2 and min(self.sampling_size) >= 2,
+               f"config key 'nus.sampling_size' must be two ints >= 2, got {self.sampling_size}")
+        _check(all(s >= 2 for s in self.compare_sizes), f"config key 'nus.compare_sizes' must be >= 2, got {self.compare_sizes}")
+        _check(self.gather in ("nearest", "bilinear"), f"config key 'nus.gather' must be nearest or bilinear, got {self.gather!r}")
+        _check(0 < self.alpha <= 1, f"config key 'nus.alpha' must be in (0, 1], got {self.alpha}")
+        _check(self.aux_input_size % self.aux_output_stride == 0 and self.aux_input_size // self.aux_output_stride >= 2,
+               f"config key 'nus.aux_input_size' ({self.aux_input_size}) must be a multiple of nus.aux_output_stride "
+               f"({self.aux_output_stride}) giving a grid of at least 2 x 2")
+        _check(self.aux_steps >= 1 and self.aux_batch_size >= 1 and self.aux_lr > 0,
+               "config keys 'nus.aux_steps', 'nus.aux_batch_size' must be >= 1 and 'nus.aux_lr' > 0")
+        _check(self.val_crop is None or min(self.val_crop) >= 1,
+               f"config key 'nus.val_crop' must be two positive ints or null, got {self.val_crop}")
+
+
+@dataclasses.dataclass
+class WeakConfig:
+    """Weak supervision with scribbles (experiment/weak.py): partial cross-entropy on the labeled
+    pixels plus ``loss.densecrf_weight`` x DenseCRF.  ``source``: ``cityscapes`` draws scribbles from
+    the full labels of the (real or synthetic) Cityscapes root; ``voc`` reads PASCAL VOC 2012 with
+    the reference's scribbles from ``voc_dir``.  ``labels: full`` trains the same objective on full
+    labels (the upper bound).  ``compare: true`` runs pCE, pCE + DenseCRF and full supervision with
+    the same seed and schedule and writes OUTPUT_DIR/comparison.json."""
+    enabled: bool = False
+    source: str = "cityscapes"
+    voc_dir: Optional[str] = path_field(None)
+    labels: str = "scribbles"
+    scribble_seed: int = 0
+    scribble_fraction: float = 0.03     # stroke length: about this share of each object's pixels
+    stroke_width: int = 3
+    min_area: int = 30                  # objects smaller than this get no scribble
+    pce_batch_average: bool = False     # the reference divides its pCE once more by the batch size
+    compare: bool = False
+    # CPU threads of the comparison (None: torch's default).  On a busy small CPU one thread avoids
+    # OpenMP threads spinning against other processes (20x faster steps seen on the shared 2-core machine).
+    cpu_threads: Optional[int] = None
+
+    def validate(self) -> None:
+        _check(self.source in ("cityscapes", "voc"), f"config key 'weak.source' must be cityscapes or voc, got {self.source!r}")
+        _check(self.labels in ("scribbles", "full"), f"config key 'weak.labels' must be scribbles or full, got {self.labels!r}")
+        _check(0 < self.scribble_fraction <= 1, f"config key 'weak.scribble_fraction' must be in (0, 1], got {self.scribble_fraction}")
+        _check(self.stroke_width >= 1, f"config key 'weak.stroke_width' must be >= 1, got {self.stroke_width}")
+        _check(self.min_area >= 1, f"config key 'weak.min_area' must be >= 1, got {self.min_area}")
+        _check(self.source != "voc" or bool(self.voc_dir), "config key 'weak.voc_dir' is required with weak.source=voc")
+        _check(self.cpu_threads is None or self.cpu_threads >= 1,
+               f"config key 'weak.cpu_threads' must be >= 1 or null, got {self.cpu_threads}")
 
 
 @dataclasses.dataclass
 class ExperimentConfig:
-    output_dir: str = "runs/default"
+    output_dir: str = path_field("runs/default")
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     val: ValConfig = dataclasses.field(default_factory=ValConfig)
+    # `key=value` overrides applied when the run will be on CUDA, before the command line's:
+    # batches sized for a GPU (configs/synthetic.yaml).  The CPU run ignores them.
+    cuda_overrides: List[str] = dataclasses.field(default_factory=list)
+    nus: NUSConfig = dataclasses.field(default_factory=NUSConfig)
+    weak: WeakConfig = dataclasses.field(default_factory=WeakConfig)
 
 
 # ----------------------------------------------------------------------------- regressor training
@@ -241,12 +379,13 @@ class RegressorTrainConfig:
 
 @dataclasses.dataclass
 class RegressorConfig:
-    output_dir: str = "runs/regressor"
+    output_dir: str = path_field("runs/regressor")
     # The regressor file (released weight format) and its metadata JSON (same stem).
-    output_path: str = "checkpoints/regressor.pth"
+    output_path: str = path_field("checkpoints/regressor.pth")
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(crop_size=(1024, 2048),
                                                                              class_uniform_fraction=0.0))
     model: RegressorModelConfig = dataclasses.field(default_factory=RegressorModelConfig)
     ranges: WarpRangesConfig = dataclasses.field(default_factory=WarpRangesConfig)
     tiles: TileConfig = dataclasses.field(default_factory=TileConfig)
     train: RegressorTrainConfig = dataclasses.field(default_factory=RegressorTrainConfig)
+    cuda_overrides: List[str] = dataclasses.field(default_factory=list)  # as ExperimentConfig's

@@ -11,10 +11,14 @@ from torch.utils.data import DataLoader, Subset
 
 from datasets import Cityscapes, DistributedEvalSampler, DistributedTrainSampler, TrainTransform, ValTransform
 from datasets import ensure_synthetic, resolve_root
+from datasets.epoch_aware import EpochAwareDataset, EpochIndexSampler
 from experiment.common import UserError, on_main_first
+from experiment.run_safety import ignore_stop_signals
 from experiment.config import DataConfig
 
 log = logging.getLogger("experiment")
+
+TRAIN_PREFETCH_FACTOR = 4  # batches queued per worker: rides out slow samples (large rescales)
 
 
 def dataset_root(cfg: DataConfig) -> Tuple[str, bool]:
@@ -77,14 +81,21 @@ def train_loader(dataset, batch_size: int, num_workers: int, seed: int, collate_
         raise UserError(f"the training split has {len(dataset)} samples, {len(sampler)} per process: "
                         f"fewer than one batch of {batch_size}")
     # Its own generator: creating an iterator each epoch then draws nothing from the global RNG,
-    # whose state (dropout) the checkpoints carry.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=True, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn,
-                      persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+    # whose state (dropout) the checkpoints carry.  Persistent workers (no re-fork stall at each
+    # epoch start) stay exact because every index carries its epoch (datasets/epoch_aware.py).
+    persistent = num_workers > 0
+    return DataLoader(EpochAwareDataset(dataset), batch_size=batch_size, sampler=EpochIndexSampler(sampler),
+                      num_workers=num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
+                      collate_fn=collate_fn, persistent_workers=persistent,
+                      prefetch_factor=TRAIN_PREFETCH_FACTOR if persistent else None,
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
-    """Contiguous shards, no padding: every image is evaluated exactly once across ranks."""
+    """Contiguous shards, no padding: every image is evaluated exactly once across ranks.
+    Persistent workers: train.py's periodic validations reuse them instead of re-forking."""
     sampler = DistributedEvalSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      shuffle=False, drop_last=False, pin_memory=torch.cuda.is_available())
+                      worker_init_fn=ignore_stop_signals,
+                      shuffle=False, drop_last=False, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0)

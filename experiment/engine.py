@@ -3,7 +3,9 @@ RNG state capture, checkpoints written atomically and read back safely, and the 
 stream that resumes exactly where a run stopped."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -12,43 +14,90 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from experiment.common import UserError
+from experiment.common import StopRequested, UserError  # noqa: F401  (StopRequested: re-exported)
 from utils import dist
 from utils.io import atomic_torch_save, atomic_write_text
 
+log = logging.getLogger("experiment")
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite: training stops before the weights are touched."""
 
 
-def check_finite(losses: Mapping[str, torch.Tensor], iteration: int, epoch: int, checkpoint_path: str) -> None:
+class NonFiniteWeightsError(UserError, RuntimeError):
+    """Weights (or a checkpoint's tensors) hold NaN or Inf: never saved, never evaluated."""
+
+
+def checkpoint_status(path: str) -> str:
+    """What is on disk at ``path``, for messages that must be true ("... is intact")."""
+    if not os.path.isfile(path):
+        return f"no checkpoint was written yet ({path} does not exist)"
+    return f"the last checkpoint {path} is intact"
+
+
+def check_finite(losses: Mapping[str, torch.Tensor], iteration: int, epoch: int, checkpoint_path: str,
+                 stop_requested: bool = False) -> bool:
     """Raise NonFiniteLossError, on every rank at once, if any loss component of any rank is
     NaN or infinite.  One small all-reduce and one host sync per iteration: the price of never
-    letting a NaN reach the weights (the optimizer step comes after this check)."""
+    letting a NaN reach the weights (the optimizer step comes after this check).  The same
+    all-reduce carries ``stop_requested`` (e.g. a SIGTERM on this rank): returns True on every
+    rank when any rank asked to stop, so that all of them stop at the same iteration."""
     names = list(losses)
     values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
-    finite = torch.isfinite(values).all().float().reshape(1)
-    dist.all_reduce(finite, op="min")
-    if finite.item() >= 1:
-        return
+    flags = torch.stack([torch.isfinite(values).all().float(),
+                         torch.tensor(-1.0 if stop_requested else 0.0, device=values.device)])
+    dist.all_reduce(flags, op="min")
+    finite, stop = flags.tolist()
+    if finite >= 1:
+        return stop < 0
     bad = {n: v for n, v in zip(names, values.tolist()) if not math.isfinite(v)}
     where = ", ".join(f"{n} = {v}" for n, v in bad.items()) if bad else "on another rank"
     raise NonFiniteLossError(f"non-finite loss at iteration {iteration} (epoch {epoch}): {where}; "
-                             f"training stopped, the last checkpoint {checkpoint_path} is intact")
+                             f"training stopped before the optimizer step, {checkpoint_status(checkpoint_path)}")
+
+
+def first_non_finite(tensors: Mapping[str, Any]) -> Optional[str]:
+    """Name of the first floating-point tensor of ``tensors`` holding NaN or Inf (None if all
+    are finite); one reduction per tensor, one host sync in all."""
+    names = [k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not names:
+        return None
+    sums = torch.stack([tensors[k].detach().float().sum() for k in names])
+    finite = torch.isfinite(sums)
+    if bool(finite.all()):
+        return None
+    for name, ok in zip(names, finite.tolist()):
+        if not ok and not bool(torch.isfinite(tensors[name]).all()):
+            return name
+    return None  # only a sum overflowed: the values themselves are finite
 
 
 class History:
     """``train_log.jsonl``: one JSON line per logged interval (rank 0 only), appended across
     resumes.  A run resumed at iteration ``start`` first drops the lines after ``start`` that an
-    interrupted run wrote past its last checkpoint, so each iteration appears once."""
+    interrupted run wrote past its last checkpoint, so each iteration appears once, and a last
+    line that a kill cut in half (said in the log); a damaged line elsewhere is an error."""
 
-    def __init__(self, path: str, enabled: bool, start: int = 0):
+    def __init__(self, path: str, enabled: bool, start: Optional[int] = None):
         self.path, self.enabled = path, enabled
-        if enabled and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
+        if enabled and start is not None and os.path.exists(path):  # start None: append as it is
+            with open(path, encoding="utf-8", errors="replace") as f:
                 lines = [line for line in f if line.strip()]
-            kept = [line for line in lines if json.loads(line).get("iteration", 0) <= start]
-            if len(kept) != len(lines):
+            records, torn = [], False
+            for number, line in enumerate(lines, 1):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    if number < len(lines):
+                        raise UserError(f"{path}, line {number}: not a JSON record ({exc}); repair or remove "
+                                        "the line, or start a new run in another --output_dir") from exc
+                    log.warning("%s: dropping its torn last line (cut by an interrupted write): %r",
+                                path, line.rstrip("\n")[:80])
+                    torn = True
+            kept = [line if line.endswith("\n") else line + "\n"
+                    for line, record in zip(lines, records) if record.get("iteration", 0) <= start]
+            if torn or len(kept) != len(records):
                 atomic_write_text(path, "".join(kept))
 
     def write(self, record: Mapping[str, Any]) -> None:
@@ -107,16 +156,32 @@ def save_training_checkpoint(path: str, state: Dict[str, Any]) -> None:
     atomic_torch_save(state, path)
 
 
+def unreadable_reason(path: str, exc: BaseException) -> str:
+    """A one-line reason why ``torch.load`` failed on ``path`` (never blank)."""
+    with contextlib.suppress(OSError):
+        if os.path.getsize(path) == 0:
+            return "the file is empty (0 bytes)"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else f"{type(exc).__name__} (truncated or not a PyTorch file?)"
+
+
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise UserError(f"cannot resume: checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise UserError(f"cannot read checkpoint {path}: {unreadable_reason(path, exc)}") from exc
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path} is not a training checkpoint of this project "
+                        f"(holds a {type(state).__name__})")
     for key in ("state_dict", "optimizer", "iteration"):
         if key not in state:
             raise UserError(f"checkpoint {path} is not a training checkpoint of this project (no {key!r} key)")
+    bad = first_non_finite(state["state_dict"])
+    if bad is not None:
+        raise NonFiniteWeightsError(f"checkpoint {path}: tensor {bad!r} holds NaN or Inf; "
+                                    "it cannot be resumed from")
     return state
 
 

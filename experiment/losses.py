@@ -11,7 +11,9 @@ from torch import nn
 
 from experiment.common import UserError
 from experiment.config import LossConfig
+from experiment.paths import missing_file_message
 from inverseform import InverseFormLoss, JointEdgeSegLoss
+from utils import dist
 
 log = logging.getLogger("experiment")
 
@@ -22,10 +24,11 @@ def load_inverseform(cfg: LossConfig, device: torch.device, required: bool = Fal
     path = cfg.inverseform_path
     if not path or not os.path.isfile(path):
         if required:
-            raise UserError(f"InverseForm regressor {path!r} does not exist")
-        log.warning("InverseForm regressor %s not found: the InverseForm term is left out "
-                    "(put the released distance_measures_regressor.pth there, or train one with "
-                    "experiment/train_inverseform.py)", path)
+            raise UserError(missing_file_message("InverseForm regressor", path))
+        if dist.is_main_process():  # one notice per run
+            log.warning("%s: the InverseForm term is left out (put the released distance_measures_regressor.pth "
+                        "there, or train one with experiment/train_inverseform.py)",
+                        missing_file_message("InverseForm regressor", path))
         return None
     module = InverseFormLoss(path, tile_factor=cfg.inverseform_tile_factor, distance=cfg.inverseform_distance,
                              check_inputs=False)

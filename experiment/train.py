@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 if __package__ in (None, ""):  # run as a script (torchrun experiment/train.py)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,15 +35,20 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from datasets import colorize
-from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides, resolve_amp,
-                               script_main, script_parser, seed_everything)
+from datasets import NUM_CLASSES, colorize
+from experiment.acceleration import compile_model, load_config_for_device, place_model, to_device_images
+from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides, on_main_first,
+                               resolve_amp, script_main, script_parser, seed_everything, str2bool)
 from experiment.config import ExperimentConfig, RegressorConfig
 from experiment.data import dataset_root, eval_loader, train_dataset, train_loader, val_dataset
-from experiment.engine import (History, NonFiniteLossError, batch_stream, check_finite, load_training_checkpoint,
-                               poly_with_warmup, rng_state, save_training_checkpoint, set_rng_state,
-                               total_iterations)
+from experiment.engine import (History, NonFiniteLossError, NonFiniteWeightsError, StopRequested, batch_stream,
+                               check_finite, checkpoint_status, load_training_checkpoint, poly_with_warmup,
+                               rng_state, save_training_checkpoint, set_rng_state, total_iterations)
+from experiment.run_safety import (StopSignal, check_resume, claim_output_dir, require_finite,
+                                   state_is_finite_everywhere)
+from experiment import weak
 from experiment.losses import SegmentationObjective, load_inverseform
+from experiment.paths import missing_file_message
 from experiment.validation import (PredictionDumper, build_model, denormalize, edge_image, evaluate,
                                    metrics_table, write_metrics)
 from models import convert_sync_batchnorm, count_parameters, load_checkpoint, load_pretrained_backbone
@@ -63,13 +68,21 @@ def ensure_regressor(cfg: ExperimentConfig, ctx: dist.DistContext) -> None:
         return  # load_inverseform says the term is left out
     from experiment.train_inverseform import train_regressor
 
-    overrides = [f"output_path={path}", f"train.device={cfg.train.device}"]
-    if cfg.data.dataset_dir:
-        overrides.append(f"data.dataset_dir={cfg.data.dataset_dir}")
-    reg_cfg = load_config(RegressorConfig, [cfg.loss.regressor_config], overrides)
+    reg_cfg = regressor_config_for(cfg)
     log.info("InverseForm regressor %s not found: training one with %s (output %s)", path,
              cfg.loss.regressor_config, reg_cfg.output_dir)
     train_regressor(reg_cfg, ctx)
+
+
+def regressor_config_for(cfg: ExperimentConfig) -> RegressorConfig:
+    """``loss.regressor_config`` writing ``loss.inverseform_path``, on this run's dataset (never
+    the regressor config's own default, relative to the current directory) and device."""
+    synthetic = ", ".join(f"{k}: {v}" for k, v in config_to_dict(cfg.data.synthetic).items())
+    overrides = [f"output_path={cfg.loss.inverseform_path}", f"train.device={cfg.train.device}",
+                 f"data.synthetic_dir={cfg.data.synthetic_dir}", f"data.synthetic={{{synthetic}}}"]
+    if cfg.data.dataset_dir:
+        overrides.append(f"data.dataset_dir={cfg.data.dataset_dir}")
+    return load_config_for_device(RegressorConfig, [cfg.loss.regressor_config], overrides)
 
 
 def build_optimizer(cfg: ExperimentConfig, net: torch.nn.Module) -> torch.optim.Optimizer:
@@ -97,16 +110,39 @@ def remove_stale_temporaries(output_dir: str) -> None:
         os.unlink(path)
 
 
-def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = False,
-          stop_after: Optional[int] = None) -> Tuple[Dict[str, Any], torch.nn.Module]:
+def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: Union[bool, str] = False,
+          stop_after: Optional[int] = None, overwrite: bool = False) -> Tuple[Dict[str, Any], torch.nn.Module]:
     """Train, validate; return the final validation metrics (identical on every rank; empty when
-    stopped early by ``stop_after``) and the trained network (without its DDP wrapper)."""
+    stopped early by ``stop_after``) and the trained network (without its DDP wrapper).
+
+    ``resume``: True (or "") continues OUTPUT_DIR/last.pth, a path continues that checkpoint.
+    An output_dir holding an earlier run is refused unless resuming it or ``overwrite`` (which
+    moves the earlier outputs aside).  SIGTERM/SIGUSR1 end the run after the current iteration
+    with a checkpoint on every rank (StopRequested, exit code 128 + signal)."""
+    stop = StopSignal()
+    with stop.installed():
+        return _train(cfg, ctx, resume, stop_after, overwrite, stop)
+
+
+def _train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: Union[bool, str], stop_after: Optional[int],
+           overwrite: bool, stop: StopSignal) -> Tuple[Dict[str, Any], torch.nn.Module]:
     device = ctx.device
     amp_dtype = resolve_amp(cfg.train.amp, device)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    if ctx.is_main:
+    last_path = os.path.join(cfg.output_dir, "last.pth")
+    best_path = os.path.join(cfg.output_dir, "best.pth")
+    resume_path = None if resume is None or resume is False else \
+        (last_path if resume is True or resume == "" else str(resume))
+    if resume_path is not None and not os.path.isfile(resume_path):
+        raise UserError(f"cannot resume: checkpoint {resume_path} does not exist"
+                        + ("" if os.path.exists(cfg.output_dir) else f" (no directory {cfg.output_dir})"))
+    resuming_here = resume_path is not None and os.path.abspath(resume_path) == os.path.abspath(last_path)
+
+    def prepare() -> None:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        claim_output_dir(cfg.output_dir, overwrite=overwrite, resuming_here=resuming_here)
         remove_stale_temporaries(cfg.output_dir)
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+
+    on_main_first(prepare)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -115,11 +151,19 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = False,
     seed_everything(cfg.train.seed + ctx.rank)
 
     # -- data
-    root, synthetic = dataset_root(cfg.data)
-    ensure_regressor(cfg, ctx)
-    train_data = train_dataset(cfg.data, root, seed=cfg.train.seed)
+    if cfg.weak.enabled:  # scribbles (experiment/weak.py): training labels partial, validation on full labels
+        root, synthetic, train_data, val_data = weak.datasets(cfg)
+    else:
+        root, synthetic = dataset_root(cfg.data)
+        ensure_regressor(cfg, ctx)
+        train_data = train_dataset(cfg.data, root, seed=cfg.train.seed)
+    # labels >= num_classes would be ignored, then validation fails (VOC: checked by experiment/weak.py)
+    if cfg.model.num_classes != NUM_CLASSES and not (cfg.weak.enabled and cfg.weak.source == "voc"):
+        raise UserError(f"config key 'model.num_classes' is {cfg.model.num_classes} but the dataset {root} has "
+                        f"{NUM_CLASSES} classes (train ids 0-{NUM_CLASSES - 1}); set model.num_classes={NUM_CLASSES}")
     loader = train_loader(train_data, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed)
-    val_data = val_dataset(cfg.data, root, max_images=cfg.val.max_images)
+    if not cfg.weak.enabled:
+        val_data = val_dataset(cfg.data, root, max_images=cfg.val.max_images)
     val_loader = eval_loader(val_data, cfg.val.batch_size, cfg.val.num_workers)
     total = total_iterations(loader, cfg.train.epochs, cfg.train.max_iters)
 
@@ -131,37 +175,60 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = False,
     if cfg.model.init_checkpoint:
         report = load_checkpoint(net, cfg.model.init_checkpoint)
         log.info("initialised from %s: %s", cfg.model.init_checkpoint, report)
+    if cfg.model.pretrained_backbone or cfg.model.init_checkpoint:
+        require_finite(net.state_dict(), f"model initialised from {cfg.model.init_checkpoint or ''}"
+                       f"{' and ' if cfg.model.init_checkpoint and cfg.model.pretrained_backbone else ''}"
+                       f"{cfg.model.pretrained_backbone or ''}")
     if ctx.world_size > 1 and cfg.model.sync_bn:
         net = convert_sync_batchnorm(net, device.type)
-    net.to(device)
+    place_model(net, device)  # channels_last on CUDA
     model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.distributed else net
+    # --compile: the training step's model and, separately, the eval forward; checkpoints are
+    # written from `net`, the plain module (no `_orig_mod.` keys).
+    model = compile_model(model, cfg.train.compile)
+    eval_net = compile_model(net, cfg.train.compile)
 
     # -- loss, optimizer, schedule
     inverseform = load_inverseform(cfg.loss, device) if cfg.model.has_edge and cfg.loss.inv_weight > 0 else None
-    objective = SegmentationObjective(cfg.loss, cfg.model.num_classes, inverseform).to(device)
+    objective = weak.WeakObjective(cfg.loss, cfg.weak, cfg.model.num_classes).to(device) if cfg.weak.enabled \
+        else SegmentationObjective(cfg.loss, cfg.model.num_classes, inverseform).to(device)
     optimizer = build_optimizer(cfg, net)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_with_warmup(total, cfg.optim.poly_power, cfg.optim.warmup_iters, cfg.optim.warmup_factor))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    last_path = os.path.join(cfg.output_dir, "last.pth")
-    best_path = os.path.join(cfg.output_dir, "best.pth")
+    per_epoch = len(loader.sampler) // loader.batch_size
     start, best_miou = 0, -1.0
-    if resume:
-        state = load_training_checkpoint(last_path)
-        net.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if len(state["rng"]) != ctx.world_size:
-            log.warning("checkpoint was written by %d processes, resuming on %d: the data stream continues "
-                        "exactly, dropout masks do not", len(state["rng"]), ctx.world_size)
-        set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
+    if resume_path is not None:
+        state = load_training_checkpoint(resume_path)
+        notices = check_resume(state, resume_path, config_to_dict(cfg), world_size=ctx.world_size,
+                               iterations_per_epoch=per_epoch, total_iterations=total,
+                               model_fields={"arch": cfg.model.arch, "num_classes": cfg.model.num_classes,
+                                             "hrnet_base": net.hrnet_base, "has_edge": cfg.model.has_edge})
+        try:
+            net.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise UserError(f"checkpoint {resume_path} does not fit this model/optimizer: "
+                            f"{str(exc).strip().splitlines()[0]}") from exc
+        set_rng_state(state["rng"][ctx.rank])
         start, best_miou = int(state["iteration"]), float(state.get("best_miou", -1.0))
-        log.info("resumed from %s at iteration %d/%d (epoch %d)", last_path, start, total, state["epoch"])
+        for line in notices:
+            log.info("resume: %s", line)
+        log.info("resumed from %s at iteration %d/%d (epoch %d): it continues exactly as the uninterrupted run",
+                 resume_path, start, total, state["epoch"])
+    if ctx.is_main:  # after the resume checks: a refused resume leaves the run's config.yaml alone
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
     def checkpoint(path: str, iteration: int, epoch: int, metrics: Optional[Dict[str, Any]] = None) -> None:
+        bad = state_is_finite_everywhere(net.state_dict(), device)
+        if bad is not None:  # never replace a good checkpoint with a poisoned one
+            raise NonFiniteWeightsError(
+                f"weights hold NaN or Inf at iteration {iteration} ({bad}): {path} was not written; "
+                f"{checkpoint_status(last_path)}. Lower optim.lr or check the data")
         rngs = dist.all_gather_object(rng_state())
         if ctx.is_main:
             save_training_checkpoint(path, {
@@ -170,13 +237,14 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = False,
                 "epoch": epoch, "iteration": iteration, "rng": rngs, "best_miou": best_miou,
                 "arch": cfg.model.arch, "hrnet_base": net.hrnet_base, "has_edge": cfg.model.has_edge,
                 "num_classes": cfg.model.num_classes, "config": config_to_dict(cfg),
-                "metrics": metrics or {}})
+                "iterations_per_epoch": per_epoch, "total_iterations": total, "metrics": metrics or {}})
 
     def validate_now(iteration: int, epoch: int, final: bool = False) -> Dict[str, Any]:
         nonlocal best_miou
         # The final validation dumps predictions: every rank writes the images of its own shard.
-        dumper = PredictionDumper(os.path.join(cfg.output_dir, "predictions"), cfg.model.has_edge) if final else None
-        metrics = evaluate(net, val_loader, device, num_classes=cfg.model.num_classes, criterion=objective.joint,
+        dumper = PredictionDumper(os.path.join(cfg.output_dir, "predictions"), cfg.model.has_edge) \
+            if final and not (cfg.weak.enabled and cfg.weak.source == "voc") else None  # Cityscapes ids only
+        metrics = evaluate(eval_net, val_loader, device, num_classes=cfg.model.num_classes, criterion=objective.joint,
                            amp_dtype=amp_dtype, boundary_tolerance=cfg.val.boundary_tolerance, dumper=dumper,
                            writer=writer, step=iteration, num_images_logged=cfg.val.num_images_logged,
                            desc=f"validation @ {iteration}")
@@ -193,7 +261,6 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = False,
 
     writer = Rank0Writer(os.path.join(cfg.output_dir, "tensorboard"), ctx.is_main,
                          purge_step=start + 1 if start else None)
-    per_epoch = len(loader.sampler) // loader.batch_size
     log.info("%s (hrnet_base %s, has_edge %s): %s parameters; %s (%s), %d images/epoch, %d iterations "
              "(%d epochs x %d) x batch %d x %d processes; amp %s; InverseForm %s",
              cfg.model.arch, net.hrnet_base, cfg.model.has_edge, f"{count_parameters(net):,}", root,
@@ -203,7 +270,9 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = False,
 
     stop_at = min(total, stop_after) if stop_after is not None else total
     bar = tqdm(total=total, initial=start, desc="train", unit="it", disable=not ctx.is_main, dynamic_ncols=True)
-    history = History(os.path.join(cfg.output_dir, "train_log.jsonl"), ctx.is_main, start)
+    history_path = os.path.join(cfg.output_dir, "train_log.jsonl")
+    on_main_first(lambda: History(history_path, True, start) and None)  # trims it; an error reaches every rank
+    history = History(history_path, ctx.is_main)
     model.train()
     sums: Dict[str, torch.Tensor] = {}
     seen, t0, epoch, iteration = 0, time.time(), start // per_epoch, start
@@ -216,13 +285,15 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = False,
                 validate_now(iteration, epoch)
                 model.train()
             last_epoch_checkpointed = epoch
-        images = batch["image"].to(device, non_blocking=True)
+        images = to_device_images(batch["image"], device)
         labels = batch["label"].to(device, non_blocking=True)
         edges = batch["edge"].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             outputs = model(images)
-        loss, components = objective(outputs, labels, edges)
-        check_finite({"total": loss, **components}, iteration, epoch, last_path)
+        # weak supervision: the DenseCRF term sees the image and the valid-pixel mask (0 on padding)
+        extra = {"image": images, "roi": batch["roi"].to(device, non_blocking=True)} if cfg.weak.enabled else {}
+        loss, components = objective(outputs, labels, edges, **extra)
+        stop_now = check_finite({"total": loss, **components}, iteration, epoch, last_path, stop.requested)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -249,6 +320,13 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = False,
             log_sample_images(writer, batch, outputs, done)
         if cfg.train.checkpoint_interval and done % cfg.train.checkpoint_interval == 0 and done < stop_at:
             checkpoint(last_path, done, epoch)
+        if stop_now:  # a rank got SIGTERM: all stop here, with a checkpoint, before the scheduler kills
+            checkpoint(last_path, done, epoch)
+            bar.close()
+            writer.close()
+            raise StopRequested(f"stopped by {stop.name() if stop.requested else 'a signal to another rank'} "
+                                f"after iteration {done} of {total}: checkpoint {last_path} written; "
+                                "continue with --resume", stop.exit_code())
         bar.update(1)
     bar.close()
     finished = iteration + 1 if stop_at > start else start
@@ -274,25 +352,54 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = False,
 
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = script_parser(__doc__, "run directory: config, checkpoints, metrics, TensorBoard, predictions")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pth")
+    p = script_parser(__doc__, "run directory: config, checkpoints, metrics, TensorBoard, predictions",
+                      opt_example="optim.lr=0.01 train.batch_size=4", config_required=True)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue from PATH, or from OUTPUT_DIR/last.pth when no path is given; refused "
+                        "(naming the keys) when the settings differ from the checkpoint's")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start anew in an OUTPUT_DIR that holds an earlier run: its outputs are moved into "
+                        "OUTPUT_DIR/replaced-<time>/ (without it such a directory is refused)")
     p.add_argument("--stop_after", type=int, help="stop (with a checkpoint) after this iteration; resume later")
     p.add_argument("--max_iters", type=int, help="cap on iterations (the schedule spans them)")
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--amp", nargs="?", const="on", choices=("auto", "on", "off", "bf16", "fp16"),
+                   help="autocast (train.amp): auto (bf16 on CUDA, off on CPU), on (= bf16; the bare flag), off, "
+                        "bf16, fp16 (with a gradient scaler)")
+    p.add_argument("--seed", type=int, help="random seed (train.seed); rank r uses seed + r")
+    p.add_argument("--compile", nargs="?", const="on", metavar="MODE",
+                   help="torch.compile the model (train.compile): on (the bare flag), off, max-autotune, "
+                        "reduce-overhead, or a debugging backend (eager, aot_eager)")
+    p.add_argument("--deterministic", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="deterministic algorithms, no cuDNN benchmark (train.deterministic); the bare flag means on")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     if not args.config:
         raise UserError("--config is required, e.g. --config configs/synthetic.yaml")
-    overrides = flag_overrides(args, {**SHARED_FLAGS, "max_iters": "train.max_iters", "amp": "train.amp"})
-    return load_config(ExperimentConfig, args.config, overrides)
+    overrides = flag_overrides(args, {**SHARED_FLAGS, "max_iters": "train.max_iters", "amp": "train.amp",
+                                      "seed": "train.seed", "deterministic": "train.deterministic",
+                                      "compile": "train.compile"})
+    cfg = load_config_for_device(ExperimentConfig, args.config, overrides)  # + cuda_overrides on CUDA
+    for what, path in (("model.init_checkpoint", cfg.model.init_checkpoint),
+                       ("model.pretrained_backbone", cfg.model.pretrained_backbone)):
+        if path and not os.path.isfile(path):
+            raise UserError(missing_file_message(what, path))
+    return cfg
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    script_main(args, config_from_args,
-                lambda cfg, ctx: train(cfg, ctx, resume=args.resume, stop_after=args.stop_after), "train_log.txt")
+
+    def body(cfg: ExperimentConfig, ctx: dist.DistContext) -> Any:
+        if cfg.nus.mode != "off":  # learned non-uniform downsampling (experiment/nus.py)
+            from experiment.nus import run_nus
+            return run_nus(cfg, ctx, resume=args.resume)
+        if cfg.weak.enabled and cfg.weak.compare:  # pCE / pCE + DenseCRF / full supervision (experiment/weak.py)
+            return weak.run_comparison(cfg, ctx, resume=bool(args.resume), overwrite=args.overwrite)
+        return train(cfg, ctx, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
+
+    script_main(args, config_from_args, body, "train_log.txt")
 
 
 if __name__ == "__main__":

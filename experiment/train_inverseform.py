@@ -56,6 +56,7 @@ from datasets import Cityscapes, TrainTransform
 from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides, resolve_amp,
                                script_main, script_parser, seed_everything)
 from experiment.config import RegressorConfig
+from experiment.acceleration import load_config_for_device
 from experiment.data import dataset_root, train_loader
 from experiment.engine import (History, batch_stream, check_finite, human_time, load_training_checkpoint,
                                poly_with_warmup, rng_state, save_training_checkpoint, set_rng_state)
@@ -374,17 +375,23 @@ def train_regressor(cfg: RegressorConfig, ctx: dist.DistContext, resume: bool = 
 
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = script_parser(__doc__, "run directory (config, checkpoints, report, TensorBoard)")
+    parser = script_parser(__doc__, "run directory (config, checkpoints, report, TensorBoard)",
+                           opt_example="train.lr=0.0003 model.tile_size=64")
     parser.add_argument("--output_path", help="where to write the regressor .pth (+ .json beside it)")
     parser.add_argument("--steps", type=int, help="training steps")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pth")
     parser.add_argument("--stop_after", type=int, help="stop (with a checkpoint) after this step; resume later")
+    parser.add_argument("--amp", nargs="?", const="on", choices=("auto", "on", "off", "bf16", "fp16"),
+                        help="autocast (train.amp): auto (bf16 on CUDA, off on CPU), on (= bf16; the bare flag), "
+                             "off, bf16, fp16")
+    parser.add_argument("--seed", type=int, help="random seed (train.seed)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> RegressorConfig:
-    overrides = flag_overrides(args, {**SHARED_FLAGS, "output_path": "output_path", "steps": "train.steps"})
-    return load_config(RegressorConfig, args.config, overrides)
+    overrides = flag_overrides(args, {**SHARED_FLAGS, "output_path": "output_path", "steps": "train.steps",
+                                      "amp": "train.amp", "seed": "train.seed"})
+    return load_config_for_device(RegressorConfig, args.config, overrides)  # + cuda_overrides on CUDA
 
 
 def main(argv: Optional[List[str]] = None) -> None:

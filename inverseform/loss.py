@@ -57,9 +57,16 @@ def _label_map(target: torch.Tensor, name: str, expected: Sequence[int]) -> torc
         n, h, w = expected
         raise ValueError(f"{name} must be {n} x {h} x {w} (or {n} x 1 x {h} x {w}) to match the logits, "
                          f"got {tuple(target.shape)}")
-    if target.dtype == torch.bool or target.is_complex():
-        raise ValueError(f"{name} must hold integer class ids, got dtype {target.dtype}")
+    if target.dtype == torch.bool or target.is_complex() or torch.is_floating_point(target):
+        # A float label such as 2.7 would be truncated to class 2 without a word.
+        raise ValueError(f"{name} must hold integer class ids, got dtype {target.dtype}"
+                         + (" (convert whole-number labels with .long())" if torch.is_floating_point(target) else ""))
     return target.long()
+
+
+def _non_empty(n: int, what: str) -> None:
+    if n == 0:
+        raise ValueError(f"{what}: the batch is empty (N = 0); the loss of no images is undefined")
 
 
 def _edge_map(x: torch.Tensor, name: str, expected: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -92,6 +99,23 @@ def _finite(x: torch.Tensor, name: str) -> Tuple[str, torch.Tensor]:
     total = x.sum(dtype=torch.float32) if torch.is_floating_point(x) else x.sum().float()
     return (f"{name} contains NaN or Inf values (or values so large that their sum overflows)",
             torch.isfinite(total))
+
+
+# Edge targets, one rule for every edge term: 1 is a boundary pixel, 0 is not, and any other
+# value (``ignore_index``, 255 by convention) is ignored: balanced BCE gives it weight 0 and
+# InverseForm masks it out of both the predicted and the ground-truth map before tiling.
+def _edge_valid(target: torch.Tensor) -> torch.Tensor:
+    return (target == 0) | (target == 1)
+
+
+def _edge_values(t: torch.Tensor, ignore_index: int, name: str) -> Tuple[str, torch.Tensor]:
+    ok = _edge_valid(t) | (t == ignore_index)
+    return (f"{name} holds values other than 0, 1 and ignore_index={ignore_index}", ok.all())
+
+
+def _soft_edge_values(t: torch.Tensor, ignore_index: int, name: str) -> Tuple[str, torch.Tensor]:
+    ok = ((t >= 0) & (t <= 1)) | (t == ignore_index)
+    return (f"{name} holds values outside [0, 1] that are not ignore_index={ignore_index}", ok.all())
 
 
 def _labels_in_range(t: torch.Tensor, num_classes: int, ignore_index: int, name: str):
@@ -220,7 +244,7 @@ def balanced_bce_with_logits(logits: torch.Tensor, target: torch.Tensor) -> torc
     """Class-balanced BCE over the whole batch, as the reference's ``bce2d``.
 
     Positives (target == 1) weigh neg/(pos+neg), negatives (target == 0) pos/(pos+neg),
-    anything else (> 1: ignore) 0; the mean runs over ALL elements, ignored ones included.
+    anything else (ignored, e.g. 255) 0; the mean runs over ALL elements, ignored ones included.
     ``target`` may be N x H x W for N x 1 x H x W logits; any real dtype.
     """
     if target.shape != logits.shape:
@@ -268,13 +292,15 @@ class InverseFormLoss(nn.Module):
 
     ``regressor`` is an :class:`InverseNet` or a path to a checkpoint. It is frozen (no
     parameter gradients) and kept in eval mode even when this module is put in train mode;
-    gradients still flow to the edge logits. ``resized_size`` (int S for S x 2S, or (H, W),
+    gradients still flow to the edge logits. Edge targets are 1 (boundary) or 0; pixels with any
+    other value (``ignore_index``, 255) are ignored: zero in both maps, as the balanced BCE gives
+    them weight 0. ``check_inputs`` refuses other values, and an empty batch is always refused. ``resized_size`` (int S for S x 2S, or (H, W),
     multiples of T) overrides ``tile_factor``.
     """
 
     def __init__(self, regressor: Union[InverseNet, PathLike], tile_factor: int = 3,
                  resized_size: Optional[Union[int, Tuple[int, int]]] = None, distance: str = "euclidean",
-                 geodesic_lambda: float = 0.1, check_inputs: bool = True):
+                 geodesic_lambda: float = 0.1, check_inputs: bool = True, ignore_index: int = 255):
         super().__init__()
         if isinstance(regressor, (str, os.PathLike)):
             regressor = InverseNet.from_checkpoint(regressor)
@@ -301,6 +327,7 @@ class InverseFormLoss(nn.Module):
         self.distance = distance
         self.geodesic_lambda = geodesic_lambda
         self.check_inputs = check_inputs
+        self.ignore_index = ignore_index
 
     def train(self, mode: bool = True) -> "InverseFormLoss":
         super().train(mode)
@@ -314,15 +341,20 @@ class InverseFormLoss(nn.Module):
         """Per-tile distances, N x rows x cols, for boundary probabilities and targets.
 
         Maps are N x 1 x H x W or N x H x W; prediction and target may differ in size (each
-        is resized to the grid), not in batch.
+        is resized to the grid), not in batch.  Here the target may be a soft boundary map in
+        [0, 1] (a resized or warped tile, as in regressor training); pixels equal to
+        ``ignore_index`` are left out of both maps.
         """
         pred = _edge_map(pred_prob, "pred_prob")
         target = _edge_map(target, "edge_target")
         if pred.shape[0] != target.shape[0]:
             raise ValueError(f"pred_prob has {pred.shape[0]} maps but edge_target has {target.shape[0]}")
         if self.check_inputs:
-            _check_values([_finite(pred, "pred_prob"), _finite(target, "edge_target")])
-        return self._tile_distances(pred, target)
+            _check_values([_finite(pred, "pred_prob"), _soft_edge_values(target, self.ignore_index, "edge_target")])
+        if pred.shape == target.shape:
+            ignored = target == self.ignore_index
+            return self._tile_distances(pred.masked_fill(ignored, 0), target.masked_fill(ignored, 0))
+        return self._tile_distances(pred, target.masked_fill(target == self.ignore_index, 0))
 
     def _tile_distances(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         n = pred.shape[0]
@@ -345,13 +377,18 @@ class InverseFormLoss(nn.Module):
         target = _edge_map(edge_target, "edge_target")
         if logits.shape[0] != target.shape[0]:
             raise ValueError(f"edge_logits has {logits.shape[0]} maps but edge_target has {target.shape[0]}")
+        _non_empty(logits.shape[0], "InverseFormLoss")
         if self.check_inputs:
-            _check_values([_finite(logits, "edge_logits"), _finite(target, "edge_target")])
+            _check_values([_finite(logits, "edge_logits"), _edge_values(target, self.ignore_index, "edge_target")])
         return self._loss(logits, target)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean tile distance; ignored target pixels (not 0 or 1) are zero in both maps."""
         with _fp32_region(logits.device):
-            return self._tile_distances(torch.sigmoid(logits.float()), target).mean()
+            valid = _edge_valid(target)
+            pred = torch.sigmoid(logits.float()) * valid
+            target = torch.where(valid, target.float(), torch.zeros((), device=target.device))
+            return self._tile_distances(pred, target).mean()
 
 
 # joint loss ----------------------------------------------------------------------------------
@@ -399,6 +436,7 @@ class JointEdgeSegLoss(nn.Module):
             raise ValueError(f"seg_logits must be N x {c} x H x W, got {tuple(seg_logits.shape)}")
         _require_float(seg_logits, "seg_logits")
         n, _, h, w = seg_logits.shape
+        _non_empty(n, "JointEdgeSegLoss")
         t = _label_map(seg_target, "seg_target", (n, h, w))
         checks = []
         if edge_logits is not None:
@@ -408,9 +446,7 @@ class JointEdgeSegLoss(nn.Module):
                 raise ValueError("edge_target is required when edge_logits is given")
             edge_t = _edge_map(edge_target, "edge_target", (n, 1, h, w))
             if self.check_inputs:
-                checks += [_finite(edge, "edge_logits")]
-                if torch.is_floating_point(edge_t):
-                    checks.append(_finite(edge_t, "edge_target"))
+                checks += [_finite(edge, "edge_logits"), _edge_values(edge_t, self.ignore_index, "edge_target")]
         if self.check_inputs:
             checks = [_finite(seg_logits, "seg_logits"),
                       _labels_in_range(t, c, self.ignore_index, "seg_target")] + checks

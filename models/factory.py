@@ -6,6 +6,7 @@ from torch import nn
 
 from .hrnetv2 import TRUNK_FOR_BASE
 from .lighthrnet import LightHRNet
+from .nus import DeepLabV3MobileNetV2
 from .ocrnet import AuxHRNet, MscaleOCRNet, OCRNet
 
 
@@ -36,6 +37,14 @@ ARCHS: Dict[str, ArchSpec] = {
         options=("scales", "lo_scale")),
 }
 
+# Archs that are not HRNets (no hrnet_base, no edge head, no released InverseForm checkpoint):
+# DeepLabv3 on MobileNetV2, the segmentation net of learned non-uniform downsampling (models/nus.py).
+OTHER_ARCHS: Dict[str, ArchSpec] = {
+    "deeplabv3.MobileNetV2": ArchSpec(
+        DeepLabV3MobileNetV2, 0, (), "it is not an HRNet (its options: width, output_stride)",
+        options=("width", "output_stride")),
+}
+
 
 def _parse_base(hrnet_base) -> int:
     if isinstance(hrnet_base, bool):
@@ -61,6 +70,9 @@ def get_net(arch: str, num_classes: int = 19, has_edge: bool = False,
     ``ocrnet.HRNet``        48      16, 48      OCRNet-48
     ``ocrnet.HRNet_Mscale`` 48      16, 48      HMS-OCRNet-48
     ======================= ======= =========== ================================
+
+    Also ``deeplabv3.MobileNetV2`` (DeepLabv3 on MobileNetV2, models/nus.py): no
+    ``hrnet_base``, no edge head, options ``width`` (1.0) and ``output_stride`` (16).
 
     The released checkpoints use the defaults.  The other bases are the ones the
     reference code can also build (W18 with OCR cannot: the reference has no OCR
@@ -109,9 +121,18 @@ def get_net(arch: str, num_classes: int = 19, has_edge: bool = False,
     :func:`models.load_pretrained_backbone`.  The returned module carries
     ``arch`` and ``hrnet_base`` attributes.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
-    spec = ARCHS[arch]
+    if arch not in ARCHS and arch not in OTHER_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(list(ARCHS) + list(OTHER_ARCHS))}")
+    spec = ARCHS.get(arch) or OTHER_ARCHS[arch]
+    if not spec.bases:  # not an HRNet (OTHER_ARCHS)
+        if hrnet_base is not None:
+            raise ValueError(f"arch {arch} takes no hrnet_base, got {hrnet_base!r}: {spec.why_not}")
+        unknown = sorted(set(options) - set(spec.options))
+        if unknown:
+            raise TypeError(f"arch {arch} got unknown option(s) {unknown}; accepted: {', '.join(spec.options)}")
+        net = spec.builder(num_classes=num_classes, has_edge=bool(has_edge), **options)
+        net.arch, net.hrnet_base = arch, None
+        return net
     base = spec.default_base if hrnet_base is None else _parse_base(hrnet_base)
     if base not in spec.bases:
         raise ValueError(

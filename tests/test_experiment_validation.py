@@ -177,9 +177,26 @@ def test_errors_exit_nonzero_with_message(case, tiny_cityscapes, edge_checkpoint
     assert "Traceback" not in proc.stderr
 
 
-def test_error_on_every_rank_without_hang(tiny_cityscapes, tmp_path):
-    proc = run_cli(cli_args(tiny_cityscapes, tmp_path / "out", tmp_path / "absent.pth", "--has_edge", "True"),
-                   nproc=2, timeout=120)
+def test_missing_released_file_reported_once_with_its_url_without_hang(tiny_cityscapes, tmp_path):
+    """An error of the arguments alone is the same on every rank: rank 0 names the file and where
+    to download it (checkpoints/README.md), the other ranks exit quietly with the same code."""
+    from experiment.paths import RELEASE_URL
+
+    missing = tmp_path / "hrnet18_IF_checkpoint.pth"
+    proc = run_cli(cli_args(tiny_cityscapes, tmp_path / "out", missing, "--has_edge", "True"), nproc=2, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line and "ChildFailedError" not in line]
+    assert errors == [f"[rank 0] error: model file {missing} does not exist; it is a released file: download it "
+                      f"from {RELEASE_URL} (see checkpoints/README.md)"], proc.stderr
+    assert "[rank 1]" not in proc.stderr and "Traceback (most recent call last)" not in proc.stdout
+
+
+def test_error_after_start_still_reported_by_every_rank(tiny_cityscapes, tmp_path):
+    """A failure that may differ between ranks (here: a file that is no checkpoint) is still
+    reported by each rank, never hidden behind rank 0."""
+    bad = tmp_path / "garbage.pth"
+    bad.write_bytes(b"not a checkpoint")
+    proc = run_cli(cli_args(tiny_cityscapes, tmp_path / "out", bad, "--has_edge", "True"), nproc=2, timeout=120)
     assert proc.returncode != 0
     for rank in (0, 1):
-        assert f"[rank {rank}] error: model file" in proc.stderr, proc.stderr
+        assert f"[rank {rank}] error:" in proc.stderr, proc.stderr

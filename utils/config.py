@@ -10,6 +10,13 @@ config is read once, validated against a dataclass schema, and passed explicitly
 * Unknown keys and wrong types are rejected with the full dotted key name.
 * ``save_config(cfg, path)`` writes the effective config (atomically) beside a
   run's outputs so the run can be reproduced with ``--config path``.
+* Fields declared with :func:`path_field` hold paths.  A relative one written in a config
+  file resolves against that file's *project root* (:func:`project_root`: the parent of the
+  ``configs/`` folder holding it, else the file's own folder), and so do the schema's relative
+  defaults when a config file is given (against the last file's root), so a run does not depend
+  on the current directory; ``kind="config"`` paths (another config file) resolve like
+  ``_base_``, against the file's own folder.  ``--opt`` values are shell input: relative to
+  the current directory, as is everything when no config file is given.
 
 This module depends on nothing else of the project.
 """
@@ -18,11 +25,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -37,9 +45,71 @@ class ConfigError(ValueError):
     """A config file, key or value that does not fit the schema."""
 
 
+# ----------------------------------------------------------------------------- path fields
+PATH_KIND = "path_kind"  # dataclass field metadata key: "data" or "config"
+
+RootOf = Callable[[Path], Path]
+
+
+def path_field(default: Any = None, kind: str = "data") -> Any:
+    """A dataclass field that holds a file or directory path (see the module docstring):
+    ``kind="data"`` (data, checkpoints, outputs) resolves against the config file's project
+    root, ``kind="config"`` (another config file) against the config file's folder."""
+    if kind not in ("data", "config"):
+        raise ValueError(f"path_field kind must be 'data' or 'config', got {kind!r}")
+    return dataclasses.field(default=default, metadata={PATH_KIND: kind})
+
+
+def path_keys(cls: Type[Any], prefix: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], str]:
+    """``{('loss', 'inverseform_path'): 'data', ...}``: every path field of a (nested) schema."""
+    hints = typing.get_type_hints(cls)
+    out: Dict[Tuple[str, ...], str] = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + (f.name,)
+        if PATH_KIND in f.metadata:
+            out[key] = f.metadata[PATH_KIND]
+        elif dataclasses.is_dataclass(hints.get(f.name)):
+            out.update(path_keys(hints[f.name], key))
+    return out
+
+
+def project_root(config_path: Union[str, os.PathLike]) -> Path:
+    """The folder a config file's relative data paths resolve against: the parent of the
+    ``configs/`` folder holding the file (a project: configs/, data/, checkpoints/, runs/ side by
+    side), else the file's own folder."""
+    folder = Path(config_path).resolve().parent
+    return folder.parent if folder.name == "configs" else folder
+
+
+def _resolve_paths(data: Dict[str, Any], keys: Mapping[Tuple[str, ...], str], config_path: Path,
+                   root_of: RootOf) -> Dict[str, Any]:
+    """Make the relative path values that ``config_path`` itself sets absolute."""
+    for key, kind in keys.items():
+        node = data
+        for part in key[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(key[-1]), str) or not node[key[-1]]:
+            continue
+        value = os.path.expanduser(node[key[-1]])
+        if os.path.isabs(value):
+            node[key[-1]] = value
+            continue
+        if kind == "config":  # beside the file, as _base_; a name relative to the project (configs/x.yaml) too
+            options = [config_path.resolve().parent / value, project_root(config_path) / value,
+                       root_of(config_path) / value]
+            node[key[-1]] = str(next((p for p in options if p.exists()), options[0]))
+        else:
+            node[key[-1]] = str(root_of(config_path) / value)
+    return data
+
+
 # ----------------------------------------------------------------------------- YAML files
-def read_yaml(path: Union[str, os.PathLike], _seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    """Read one YAML mapping, resolving ``_base_`` parents (relative to the file)."""
+def read_yaml(path: Union[str, os.PathLike], _seen: Tuple[str, ...] = (), *,
+              paths: Optional[Mapping[Tuple[str, ...], str]] = None,
+              root_of: Optional[RootOf] = None) -> Dict[str, Any]:
+    """Read one YAML mapping, resolving ``_base_`` parents (relative to the file).  ``paths``
+    (from :func:`path_keys`): the keys whose relative values are made absolute, against
+    ``root_of(file)`` (default :func:`project_root`) for each file of the chain."""
     path = Path(path)
     resolved = str(path.resolve())
     if resolved in _seen:
@@ -56,6 +126,8 @@ def read_yaml(path: Union[str, os.PathLike], _seen: Tuple[str, ...] = ()) -> Dic
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
+    if paths:
+        data = _resolve_paths(data, paths, path, root_of or project_root)
     bases = data.pop(BASE_KEY, None)
     if bases is None:
         return data
@@ -64,7 +136,7 @@ def read_yaml(path: Union[str, os.PathLike], _seen: Tuple[str, ...] = ()) -> Dic
     merged: Dict[str, Any] = {}
     for base in bases:
         base_path = Path(base) if os.path.isabs(base) else path.parent / base
-        merged = deep_merge(merged, read_yaml(base_path, _seen + (resolved,)))
+        merged = deep_merge(merged, read_yaml(base_path, _seen + (resolved,), paths=paths, root_of=root_of))
     return deep_merge(merged, data)
 
 
@@ -194,14 +266,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"config key '{key}': expected int, got {_describe(value)}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads '1e-4' as a string
+                number = float(value)  # YAML 1.1 reads '1e-4' as a string
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}': expected float, got {_describe(value)}")
+        if number is None:
+            raise ConfigError(f"config key '{key}': expected float, got {_describe(value)}")
+        if not math.isfinite(number):  # nan/inf would pass every '>' check and poison the weights
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -260,13 +337,39 @@ def config_to_dict(obj: Any) -> Any:
 
 
 def load_config(cls: Type[T], paths: Sequence[Union[str, os.PathLike]] = (),
-                overrides: Sequence[str] = (), defaults: Optional[Mapping[str, Any]] = None) -> T:
-    """Merge ``defaults``, then each YAML file, then ``key=value`` overrides; build ``cls``."""
+                overrides: Sequence[str] = (), defaults: Optional[Mapping[str, Any]] = None,
+                root_of: Optional[RootOf] = None) -> T:
+    """Merge ``defaults``, then each YAML file, then ``key=value`` overrides; build ``cls``.
+    Relative :func:`path_field` values of a file resolve against ``root_of(file)`` (default
+    :func:`project_root`)."""
     data: Dict[str, Any] = dict(defaults or {})
+    keys = path_keys(cls)
     for path in paths:
-        data = deep_merge(data, read_yaml(path))
+        data = deep_merge(data, read_yaml(path, paths=keys, root_of=root_of))
     data = apply_overrides(data, overrides)
-    return build_dataclass(cls, data)
+    obj = build_dataclass(cls, data)
+    if paths:  # the schema's own relative defaults belong to the same project as the config's paths
+        _anchor_defaults(obj, data, keys, (root_of or project_root)(Path(paths[-1])))
+    return obj
+
+
+def _anchor_defaults(obj: Any, data: Mapping[str, Any], keys: Mapping[Tuple[str, ...], str], root: Path) -> None:
+    """Resolve the relative path defaults that no file, default mapping or override set."""
+    for key, kind in keys.items():
+        node: Any = data
+        for part in key:
+            node = node.get(part, _UNSET) if isinstance(node, Mapping) else _UNSET
+        if node is not _UNSET or kind != "data":
+            continue
+        owner = obj
+        for part in key[:-1]:
+            owner = getattr(owner, part)
+        value = getattr(owner, key[-1])
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            setattr(owner, key[-1], str(root / value))
+
+
+_UNSET = object()
 
 
 def save_config(obj: Any, path: Union[str, os.PathLike]) -> None:
@@ -275,9 +378,12 @@ def save_config(obj: Any, path: Union[str, os.PathLike]) -> None:
     atomic_write_text(path, text)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config FILE`` (repeatable, merged in order) and ``--opt KEY=VALUE ...``."""
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="YAML config file; repeat to merge several (later ones win)")
+def add_config_arguments(parser: argparse.ArgumentParser, opt_example: str = "optim.lr=0.01 train.amp=false",
+                         config_help: str = "YAML config file; repeat to merge several (later ones win)",
+                         required: bool = False, group: Optional[Any] = None) -> None:
+    """``--config FILE`` (repeatable, merged in order) and ``--opt KEY=VALUE ...``; ``opt_example``:
+    real keys of the script's schema for the help text; ``group``: where ``--config`` is listed."""
+    (group or parser).add_argument("--config", action="append", default=[], metavar="FILE", required=required,
+                                   help=config_help)
     parser.add_argument("--opt", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --opt optim.lr=0.01 train.amp=false")
+                        help=f"override config keys, e.g. --opt {opt_example}")

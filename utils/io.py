@@ -26,18 +26,53 @@ def atomic_open(path: PathLike, mode: str = "wb", encoding: str | None = None) -
     if "w" not in mode:
         raise ValueError(f"atomic_open: mode must be a write mode, got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    except OSError as exc:
+        raise _named_os_error(exc, path) from exc
+    try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (umask applied),
+        # so that teammates can read checkpoints as they could any other file of the run.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        interrupt = _find_in_chain(exc, KeyboardInterrupt)
+        if interrupt is not None and interrupt is not exc:
+            raise KeyboardInterrupt from None  # torch.save wraps a Ctrl-C in a RuntimeError
+        os_error = _find_in_chain(exc, OSError)
+        if os_error is not None:  # e.g. disk full: say which file, not just "file write failed"
+            raise _named_os_error(os_error, path) from exc
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _find_in_chain(exc: BaseException, kind: type):
+    """``exc`` or the first exception of ``kind`` it was raised from (``__cause__``/``__context__``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _named_os_error(exc: OSError, path: Path) -> OSError:
+    """An OSError of the same errno whose message names the destination ``path``."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return OSError(exc.errno, f"cannot write {path}: {reason}")
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

@@ -1,8 +1,9 @@
 """Segmentation metrics: confusion-matrix scores and boundary metrics.
 
 * Region metrics come from one C x C confusion matrix (rows: ground truth,
-  columns: prediction) accumulated on the device with ``bincount`` and summed
-  over ranks with one all-reduce, so every pixel is counted exactly once.
+  columns: prediction) accumulated on the device (a sync-free histogram, see
+  :func:`class_histogram`) and summed over ranks with one all-reduce, so every
+  pixel is counted exactly once.
   IoU follows the official Cityscapes evaluator: a class with neither ground
   truth nor prediction has no IoU (NaN) and is left out of the mean.
 * mBA (mean boundary accuracy) follows CascadePSP's multi-class definition: for
@@ -19,6 +20,16 @@
   Matched and total counts are summed over the dataset (so ranks can all-reduce
   them) and F = 2PR / (P + R) per class, averaged over classes that have
   ground-truth boundaries.  Boundary pixels inside void ground truth are ignored.
+  "Within ``tolerance``" is a true round disk (dy^2 + dx^2 <= tolerance^2), so the score
+  does not change when both maps are transposed (OpenCV's ellipse, used before, covers
+  17 pixels at tolerance 2 and is not symmetric under transposition).
+
+Two implementations of the boundary metrics with the same definitions: the numpy/OpenCV
+ones (one image, on the host; the test oracle) and the torch ones (``*_batch``: a whole
+batch, on the tensors' device, no host synchronisation), which validation uses.  The
+torch versions decompose each disk into rows: a dilation is a horizontal running max per
+row half-width followed by one shifted max per row, so its cost grows with the radius,
+not with its square, and never depends on the number of classes.
 """
 from __future__ import annotations
 
@@ -35,9 +46,35 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     """C x C int64 confusion matrix (rows: target, columns: prediction), on the inputs' device."""
     if pred.shape != target.shape:
         raise ValueError(f"confusion_matrix: prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    valid = target != ignore_index
-    index = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    target, pred = target.long(), pred.long()
+    valid = (target != ignore_index) & (target >= 0) & (target < num_classes) & (pred >= 0) & (pred < num_classes)
+    index = torch.where(valid, target * num_classes + pred, -1)
+    return class_histogram(index, num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def class_histogram(label: torch.Tensor, num_classes: int, method: Optional[str] = None) -> torch.Tensor:
+    """Counts of the values 0..C-1 of ``label`` (values outside are dropped), as int64 on its
+    device, without a host synchronisation (boolean indexing and ``bincount`` make CUDA wait
+    for the host to learn a size).  ``method``: 'scatter' (default on the CPU) or 'histc'
+    (default elsewhere: block-local histograms, where a scatter-add would pile millions of
+    atomic adds onto the few bins of the frequent classes); both exact."""
+    index = label.reshape(-1)
+    method = method or ("scatter" if index.device.type == "cpu" else "histc")
+    if method == "scatter":
+        index = index.long()
+        index = torch.where((index >= 0) & (index < num_classes), index, num_classes)
+        counts = torch.zeros(num_classes + 1, dtype=torch.int64, device=label.device)
+        counts.scatter_add_(0, index, torch.ones_like(index))
+        return counts[:num_classes]
+    if method != "histc":
+        raise ValueError(f"class_histogram: method must be 'scatter' or 'histc', got {method!r}")
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=label.device)
+    # float32 bins hold integers exactly up to 2^24: at most that many values per call.
+    for chunk in index.split(1 << 24):
+        chunk = chunk.float()
+        chunk = torch.where((chunk >= 0) & (chunk < num_classes), chunk, -1.0)  # histc counts max itself
+        counts += torch.histc(chunk, bins=num_classes, min=0, max=num_classes).long()
+    return counts
 
 
 def scores_from_confusion(conf: np.ndarray) -> Dict[str, object]:
@@ -75,7 +112,16 @@ def majority_class_confusion(conf: np.ndarray, majority: Optional[int] = None) -
 
 # ----------------------------------------------------------------------------- boundary metrics
 def _disk(radius: int) -> np.ndarray:
+    """CascadePSP's structuring element for mBA (OpenCV's ellipse), kept for its definition."""
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def round_disk(radius: int) -> np.ndarray:
+    """(2r+1) x (2r+1) uint8 mask of the offsets with dy^2 + dx^2 <= r^2: the boundary-F
+    tolerance region, symmetric under flips and transposition."""
+    r = int(radius)
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return (yy * yy + xx * xx <= r * r).astype(np.uint8)
 
 
 def mba_radii(height: int, width: int, steps: int = 5) -> List[int]:
@@ -123,7 +169,7 @@ def boundary_f_counts(pred: np.ndarray, target: np.ndarray, num_classes: int, to
         raise ValueError(f"boundary_f_counts: prediction shape {pred.shape} != target shape {target.shape}")
     counts = np.zeros((num_classes, 4), dtype=np.int64)
     valid = target != ignore_index
-    kernel = _disk(tolerance) if tolerance > 0 else np.ones((1, 1), np.uint8)
+    kernel = round_disk(tolerance)
     present = np.union1d(np.unique(pred), np.unique(target[valid]))
     for c in present:
         if c >= num_classes:
@@ -151,6 +197,153 @@ def boundary_f_from_counts(counts: np.ndarray) -> Dict[str, object]:
         "per_class_boundary_f": [None if np.isnan(v) else float(v) for v in f],
         "boundary_f": float(np.nanmean(f)) if np.any(~np.isnan(f)) else float("nan"),
     }
+
+
+# ----------------------------------------------------------------------------- boundary metrics on the device
+def _row_half_widths(kernel: np.ndarray) -> List[int]:
+    """Half-width of each row of a (2r+1)-square kernel whose rows are centred intervals
+    (OpenCV's ellipse and the round disk are); -1 for an empty row."""
+    kernel = np.asarray(kernel) > 0
+    size = kernel.shape[0]
+    if kernel.shape != (size, size) or size % 2 == 0:
+        raise ValueError(f"expected an odd square kernel, got shape {kernel.shape}")
+    r = size // 2
+    widths = []
+    for row in kernel:
+        w = int(row.sum()) // 2
+        if row.sum() and not (row.sum() % 2 == 1 and row[r - w:r + w + 1].all()):
+            raise ValueError("kernel rows must be intervals centred on the anchor")
+        widths.append(w if row.sum() else -1)
+    return widths
+
+
+def _shift_pair(offset: int, size: int):
+    """Slices (dst, src) with dst[i] = src[i + offset] for the in-range i."""
+    if offset >= 0:
+        return slice(0, size - offset), slice(offset, size)
+    return slice(-offset, size), slice(0, size + offset)
+
+
+def _morphology(x: torch.Tensor, kernel: np.ndarray, op) -> torch.Tensor:
+    """Grey dilation (op=torch.maximum) or erosion (torch.minimum) of B x H x W ``x`` by a
+    row-decomposable kernel, as cv2.dilate/erode with the default border (pixels outside
+    the image are left out)."""
+    widths = _row_half_widths(kernel)
+    r = len(widths) // 2
+    h, w = x.shape[-2:]
+    rows = {0: x}
+    running = x
+    for half in range(1, max(widths) + 1):  # running[..., j] = op over x[..., j - half : j + half]
+        running = running.clone()
+        if half < w:
+            dst, src = _shift_pair(half, w)
+            running[..., dst] = op(running[..., dst], x[..., src])
+            dst, src = _shift_pair(-half, w)
+            running[..., dst] = op(running[..., dst], x[..., src])
+        rows[half] = running
+    out = rows[widths[r]].clone()
+    for ky, half in enumerate(widths):
+        dy = ky - r
+        if half < 0 or dy == 0 or abs(dy) >= h:
+            continue
+        dst, src = _shift_pair(dy, h)
+        out[..., dst, :] = op(out[..., dst, :], rows[half][..., src, :])
+    return out
+
+
+def _check_batch(pred: torch.Tensor, target: torch.Tensor, name: str) -> None:
+    if pred.shape != target.shape or pred.dim() != 3:
+        raise ValueError(f"{name}: expected prediction and target of the same shape B x H x W, got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+
+
+def _on_host(tensor: torch.Tensor, host: Optional[bool]) -> bool:
+    """Whether to use the host kernels: by default for CPU tensors, where OpenCV and numpy
+    (single-threaded, SIMD) beat many small multi-threaded torch ops; torch everywhere else."""
+    return tensor.device.type == "cpu" if host is None else host
+
+
+def boundary_accuracy_batch(pred: torch.Tensor, target: torch.Tensor, ignore_index: int = 255, *,
+                            host: Optional[bool] = None) -> torch.Tensor:
+    """mBA of each image of a batch (B x H x W trainId tensors, values < 256 apart from
+    ``ignore_index``), on their device: float64, B values, NaN where an image has no valid
+    band pixel at some radius.  Same definition (and OpenCV ellipse) as :func:`boundary_accuracy`.
+    ``host``: use OpenCV on the (CPU) tensors' memory; default: only for CPU tensors."""
+    _check_batch(pred, target, "boundary_accuracy_batch")
+    if _on_host(pred, host):
+        p, t = pred.cpu().to(torch.uint8).numpy(), target.cpu().to(torch.uint8).numpy()
+        values = [boundary_accuracy(p[i], t[i], ignore_index) for i in range(len(p))]
+        return torch.tensor(values, dtype=torch.float64, device=pred.device)
+    h, w = target.shape[-2:]
+    label = target.to(torch.uint8)
+    valid = target != ignore_index
+    correct = (pred == target) & valid
+    accs = []
+    for radius in mba_radii(h, w):
+        kernel = _disk(radius)
+        band = _morphology(label, kernel, torch.maximum) != _morphology(label, kernel, torch.minimum)
+        band &= valid
+        denom = band.sum((-2, -1), dtype=torch.float64)
+        accs.append((band & correct).sum((-2, -1), dtype=torch.float64) / denom)  # 0 / 0 = NaN
+    return torch.stack(accs, 1).mean(1)  # NaN if any radius is NaN, as the numpy version
+
+
+# These two work on torch tensors and numpy arrays alike (slicing and elementwise operators only).
+def _boundary_pixels(label):
+    """Pixels with an in-image 4-neighbour of another label: the union over classes of
+    :func:`_mask_boundary` (each boundary pixel belongs to its own label's boundary)."""
+    out = label != label
+    vertical = label[..., 1:, :] != label[..., :-1, :]
+    horizontal = label[..., :, 1:] != label[..., :, :-1]
+    out[..., 1:, :] |= vertical
+    out[..., :-1, :] |= vertical
+    out[..., :, 1:] |= horizontal
+    out[..., :, :-1] |= horizontal
+    return out
+
+
+def _matched_within(points, labels, others, kernel: np.ndarray):
+    """``points`` & (some pixel within ``kernel`` holds ``others`` == this pixel's ``labels``);
+    ``others`` holds -1 where there is no boundary pixel."""
+    matched = points != points
+    h, w = labels.shape[-2:]
+    r = kernel.shape[0] // 2
+    for dy, dx in zip(*np.nonzero(kernel)):
+        dy, dx = int(dy) - r, int(dx) - r
+        if abs(dy) >= h or abs(dx) >= w:
+            continue
+        (ydst, ysrc), (xdst, xsrc) = _shift_pair(dy, h), _shift_pair(dx, w)
+        matched[..., ydst, xdst] |= others[..., ysrc, xsrc] == labels[..., ydst, xdst]
+    return matched & points
+
+
+def boundary_f_counts_batch(pred: torch.Tensor, target: torch.Tensor, num_classes: int, tolerance: int = 2,
+                            ignore_index: int = 255, *, host: Optional[bool] = None) -> torch.Tensor:
+    """Per-class boundary-F counts of a whole batch (B x H x W), summed over its images, on the
+    inputs' device: C x 4 int64, equal to the sum of :func:`boundary_f_counts` over the images.
+    Instead of one dilation per class: a boundary pixel of class c is matched when a pixel of
+    the disk around it is a boundary pixel of class c in the other map (one comparison per
+    disk offset).  ``host``: numpy on the (CPU) tensors' memory; default: only for CPU tensors."""
+    _check_batch(pred, target, "boundary_f_counts_batch")
+    on_host = _on_host(pred, host)
+    if on_host:
+        p, t = pred.cpu().to(torch.int16).numpy(), target.cpu().to(torch.int16).numpy()
+        where = np.where
+    else:
+        p, t = pred.to(torch.int16), target.to(torch.int16)
+        where = torch.where
+    valid = t != ignore_index
+    pred_b = _boundary_pixels(p) & valid & (p < num_classes)
+    gt_b = _boundary_pixels(t) & valid & (t < num_classes)
+    kernel = round_disk(tolerance)
+    pred_hit = _matched_within(pred_b, p, where(gt_b, t, -1), kernel)
+    gt_hit = _matched_within(gt_b, t, where(pred_b, p, -1), kernel)
+    if on_host:
+        counts = [np.bincount(label[mask], minlength=num_classes)[:num_classes]
+                  for mask, label in ((pred_hit, p), (pred_b, p), (gt_hit, t), (gt_b, t))]
+        return torch.from_numpy(np.stack(counts, 1).astype(np.int64)).to(pred.device)
+    return torch.stack([class_histogram(torch.where(mask, label, num_classes), num_classes)
+                        for mask, label in ((pred_hit, p), (pred_b, p), (gt_hit, t), (gt_b, t))], 1)
 
 
 def format_table(class_names: Sequence[str], per_class_iou: Sequence[Optional[float]],

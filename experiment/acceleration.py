@@ -1,0 +1,140 @@
+"""Precision, memory layout and compilation of the models, chosen per device.
+
+* channels_last on CUDA: cuDNN's convolutions (and bf16 tensor cores) run NHWC natively;
+  with NCHW every convolution pays layout transposes.  The CPU keeps NCHW, the layout its
+  figures were measured in.
+* ``compile`` (``train.compile`` / ``val.compile``, ``--compile``): ``torch.compile`` of the
+  model; for evaluation the fixed-size batches are padded to the loader's batch size, so the
+  last, shorter batch does not trigger a recompile.  Checkpoints are always written from the
+  plain module (``unwrap``), never with ``_orig_mod.`` keys.
+* ``cuda_overrides`` of a config: on CUDA, settings that size the run for the GPU (larger
+  batches, more loader workers), applied before the command line's ``--opt``s; the CPU run
+  never sees them (:func:`load_config_for_device`).
+* evaluation autocast ``auto``: bf16 only where it was measured to be at least as fast as
+  fp32 (see ``EVAL_BF16_AUTO``); training keeps ``train.amp`` (auto: bf16 on CUDA).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence, Type, TypeVar, Union
+
+import torch
+
+from experiment.common import resolve_amp
+from experiment.config import COMPILE_MODES, _compile_mode  # noqa: F401  (COMPILE_MODES re-exported)
+from experiment.paths import load_run_config
+
+T = TypeVar("T")
+
+log = logging.getLogger("experiment")
+
+
+# Eval forward on one H100 (issue 11, 1024 x 2048, batch 1, eager): bf16 autocast was slower than
+# fp32 (TF32 convolutions) for every arch measured - HRNet-18 29.5 vs 21.1 ms, OCRNet-48 68.8 vs
+# 48.2 ms - so `val.amp=auto` evaluates in fp32 on CUDA unless an arch is listed here.  Re-measure
+# with `python benchmarks/bench_validation.py --device cuda --amp both` and list the archs
+# where bf16 (with channels_last) wins.
+EVAL_BF16_AUTO: Dict[str, bool] = {}
+
+
+def compile_mode(value) -> str:
+    """Normalise a ``compile`` setting (YAML turns a bare `on`/`off` into a boolean)."""
+    return _compile_mode(value, "compile")
+
+
+def use_channels_last(device: torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    return torch.channels_last if use_channels_last(device) else torch.contiguous_format
+
+
+def place_model(net: torch.nn.Module, device: torch.device, channels_last: Optional[bool] = None) -> torch.nn.Module:
+    """Move ``net`` to ``device``, in channels_last on CUDA (``channels_last``: force either way).
+    Returns ``net`` (changed in place)."""
+    net.to(device)
+    if use_channels_last(device) if channels_last is None else channels_last:
+        net.to(memory_format=torch.channels_last)
+    return net
+
+
+def to_device_images(images: torch.Tensor, device: torch.device, channels_last: Optional[bool] = None) -> torch.Tensor:
+    """A batch of N x C x H x W images on ``device`` in the layout the model expects there."""
+    fmt = memory_format(device) if channels_last is None else \
+        (torch.channels_last if channels_last else torch.contiguous_format)
+    return images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+
+
+def compile_model(module: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``torch.compile(module)`` for ``mode`` (see COMPILE_MODES; 'on' is inductor's default
+    mode, 'eager'/'aot_eager' are debugging backends); ``module`` itself when 'off'.  Shapes
+    stay static (``dynamic=False``): the eval size is fixed and each training crop size
+    compiles once."""
+    mode = compile_mode(mode)
+    if mode == "off":
+        return module
+    if mode in ("eager", "aot_eager"):
+        return torch.compile(module, backend=mode, dynamic=False)
+    return torch.compile(module, mode=None if mode in ("on", "default") else mode, dynamic=False)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under torch.compile and DDP wrappers."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    return hasattr(module, "_orig_mod")
+
+
+def plain_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """State dict without ``_orig_mod.`` (compile) or ``module.`` (DDP) prefixes."""
+    return unwrap(module).state_dict()
+
+
+def resolve_eval_amp(mode: str, device: torch.device, arch: str) -> Optional[torch.dtype]:
+    """Evaluation autocast: as ``resolve_amp`` except that ``auto`` on CUDA gives bf16 only for
+    the archs where it was measured to be at least as fast as fp32 (``EVAL_BF16_AUTO``)."""
+    if mode == "auto" and torch.device(device).type == "cuda":
+        return torch.bfloat16 if EVAL_BF16_AUTO.get(arch, False) else None
+    return resolve_amp(mode, torch.device(device))
+
+
+def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Repeat the last image until the batch holds ``size`` (a compiled model then sees one
+    shape for the whole evaluation); the caller keeps the first ``len(images)`` outputs."""
+    missing = size - images.shape[0]
+    if missing <= 0:
+        return images
+    padded = torch.cat([images, images[-1:].expand(missing, *images.shape[1:])])
+    return padded.contiguous(memory_format=memory_format(images.device))
+
+
+def will_use_cuda(device_setting: str) -> bool:
+    """Whether a run with ``train.device`` = ``device_setting`` will be on CUDA (as
+    utils.dist.init_distributed decides: 'auto' means CUDA when available)."""
+    return device_setting == "cuda" or (device_setting == "auto" and torch.cuda.is_available())
+
+
+def load_config_for_device(cls: Type[T], specs: Sequence[Union[str, os.PathLike]], overrides: Sequence[str] = (),
+                           defaults: Optional[Mapping[str, Any]] = None, cuda: Optional[bool] = None) -> T:
+    """``load_run_config``, plus the config's ``cuda_overrides`` when the run will be on CUDA
+    (``cuda``: None to decide from ``train.device``).  Order: files, CUDA overrides, then
+    ``overrides`` (the command line), so an explicit ``--opt`` still wins;
+    ``--opt cuda_overrides=[]`` switches them off."""
+    cfg = load_run_config(cls, specs, overrides, defaults=defaults)
+    extra = list(getattr(cfg, "cuda_overrides", None) or [])
+    if cuda is None:
+        cuda = will_use_cuda(cfg.train.device)
+    if not extra or not cuda:
+        return cfg
+    log.info("CUDA run: applying cuda_overrides %s", " ".join(extra))
+    return load_run_config(cls, specs, extra + list(overrides), defaults=defaults)

@@ -1,0 +1,377 @@
+"""Run a segmentation checkpoint on your own images (no ground truth needed).
+
+    python -m experiment.infer --model_path checkpoints/hrnet18_IF_checkpoint.pth --has_edge True \\
+        --input photos/ --output_dir runs/infer
+    torchrun --nproc_per_node=8 experiment/infer.py --model_path ... --input list.txt --output_dir ...
+
+``--input`` is an image file, a folder (searched recursively for PNG/JPEG) or a text file
+listing image paths (one per line, relative to the list's folder; ``#`` starts a comment).
+Images keep their own size; grayscale, RGBA and 16-bit images are converted to 8-bit RGB with
+a notice.  For each image, under ``OUTPUT_DIR`` at the image's relative path:
+``<stem>_labelIds.png`` (Cityscapes label ids, what the official tools read),
+``<stem>_color.png`` (Cityscapes colours), ``<stem>_overlay.png`` (the colours blended over the
+image) and, with an edge head, ``<stem>_edge.png`` (edge probability x 255).
+
+An unreadable image (or one the network cannot take, e.g. a 1-pixel strip) gets one error line
+naming it; the others are still processed, then the number of failures is reported and the exit
+status is non-zero.  Same-size images are batched
+(``--batch_size``); under torchrun each process takes a contiguous share of the images.
+``--sliding_window``, ``--flip`` and ``--scales`` select the inference mode as in
+``experiment.validation`` (see ``experiment/inference.py``; HMS keeps its attention scales).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a script (torchrun experiment/infer.py)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasets import colorize, trainid_to_labelid
+from datasets.transforms import normalize_image
+from experiment.common import (UserError, autocast, flag_overrides, resolve_amp, script_main, str2bool)
+from experiment.config import ExperimentConfig
+from experiment.inference import inference_mode_from_config, predict
+from experiment.validation import build_model, edge_image, write_png
+from models import load_checkpoint
+from utils import dist
+from utils.config import add_config_arguments, load_config
+
+log = logging.getLogger("experiment.infer")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+OUTPUT_SUFFIXES = ("_labelIds.png", "_color.png", "_overlay.png", "_edge.png")
+
+
+# ----------------------------------------------------------------------------- inputs
+def _is_image_name(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_images(source: str) -> List[Tuple[str, str]]:
+    """(path, relative path kept in the output) of every image named by ``source``: an image
+    file, a folder searched recursively, or a text file listing paths.  Listed files are kept
+    even when missing (they fail, by name, when read); a source with no image is an error."""
+    if not os.path.exists(source):
+        raise UserError(f"--input {source} does not exist (expected an image, a folder or a text file of paths)")
+    if os.path.isdir(source):
+        found = []
+        for folder, subdirs, files in os.walk(source, followlinks=True):
+            subdirs.sort()
+            for name in sorted(files):
+                if _is_image_name(name) and not name.startswith("."):
+                    path = os.path.join(folder, name)
+                    found.append((path, os.path.relpath(path, source)))
+        if not found:
+            raise UserError(f"--input folder {source} holds no PNG/JPEG image ({', '.join(IMAGE_EXTENSIONS)})")
+        return sorted(found, key=lambda item: item[1])
+    if _is_image_name(source):
+        return [(source, os.path.basename(source))]
+    return _read_list(source)
+
+
+def _read_list(list_path: str) -> List[Tuple[str, str]]:
+    base = os.path.dirname(os.path.abspath(list_path))
+    try:
+        with open(list_path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"--input {list_path} is neither a PNG/JPEG image (by its extension) nor a text file "
+                        "listing image paths") from None
+    paths = []
+    for number, line in enumerate(lines, 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if not _is_image_name(entry):
+            raise UserError(f"--input {list_path} line {number}: {entry!r} is not a .png/.jpg/.jpeg path")
+        paths.append(os.path.normpath(os.path.join(base, entry)))
+    if not paths:
+        raise UserError(f"--input list {list_path} names no image")
+    # Keep the folder structure below the listed images' common folder.
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return [(p, os.path.relpath(p, root)) for p in paths]
+
+
+def output_stem(relative_path: str) -> str:
+    return os.path.splitext(relative_path)[0]
+
+
+def check_unique_outputs(images: Sequence[Tuple[str, str]]) -> None:
+    """Two inputs whose outputs would overwrite each other (a.png and a.jpg in one folder)
+    are refused before anything is written."""
+    seen: Dict[str, str] = {}
+    for path, rel in images:
+        stem = output_stem(rel)
+        if stem in seen:
+            raise UserError(f"{seen[stem]} and {path} would both write {stem}_*.png; rename one of them")
+        seen[stem] = path
+
+
+def read_rgb(path: str) -> Tuple[np.ndarray, Optional[str]]:
+    """H x W x 3 uint8 RGB and a notice when the file had to be converted (grayscale, RGBA,
+    16-bit).  The pixels are taken as stored (EXIF orientation is not applied), so outputs
+    line up with the file's pixel grid.  Raises OSError naming what is wrong."""
+    if not os.path.isfile(path):
+        raise OSError("file not found")
+    raw = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise OSError("unreadable, truncated or not a PNG/JPEG image")
+    notes = []
+    if raw.dtype == np.uint16:
+        raw = (raw // 257).astype(np.uint8)
+        notes.append("16-bit, scaled to 8-bit")
+    elif raw.dtype != np.uint8:
+        raise OSError(f"unsupported pixel type {raw.dtype}")
+    if raw.ndim == 2 or (raw.ndim == 3 and raw.shape[2] == 1):
+        rgb = cv2.cvtColor(raw.reshape(raw.shape[:2]), cv2.COLOR_GRAY2RGB)
+        notes.append("grayscale, converted to RGB")
+    elif raw.ndim == 3 and raw.shape[2] == 4:
+        rgb = cv2.cvtColor(raw, cv2.COLOR_BGRA2RGB)
+        notes.append("RGBA, alpha channel dropped")
+    elif raw.ndim == 3 and raw.shape[2] == 3:
+        rgb = cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
+    else:
+        raise OSError(f"unsupported image layout {raw.shape}")
+    return rgb, ("; ".join(notes) if notes else None)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes and normalises one image per item (in loader workers); a failure becomes an
+    ``error`` entry instead of an exception, so one bad file does not stop the others."""
+
+    def __init__(self, images: Sequence[Tuple[str, str]]):
+        self.images = list(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        path, rel = self.images[index]
+        item: Dict[str, Any] = {"path": path, "rel": rel, "error": None, "notice": None}
+        try:
+            rgb, item["notice"] = read_rgb(path)
+        except (OSError, cv2.error) as exc:
+            item["error"] = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            return item
+        item["rgb"] = rgb
+        item["image"] = normalize_image(rgb)
+        return item
+
+
+def _as_list(items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return items
+
+
+class SizeBatcher:
+    """Groups same-size images into batches of at most ``batch_size``, whatever their order;
+    holds at most ``4 * batch_size`` images back (then the largest group goes as it is)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.pending: Dict[Tuple[int, int], List[Dict[str, Any]]] = {}
+
+    def add(self, item: Dict[str, Any]) -> List[List[Dict[str, Any]]]:
+        key = tuple(item["image"].shape[-2:])
+        group = self.pending.setdefault(key, [])
+        group.append(item)
+        ready = []
+        if len(group) >= self.batch_size:
+            ready.append(self.pending.pop(key))
+        if sum(len(g) for g in self.pending.values()) >= 4 * self.batch_size:
+            largest = max(self.pending, key=lambda k: len(self.pending[k]))
+            ready.append(self.pending.pop(largest))
+        return ready
+
+    def flush(self) -> List[List[Dict[str, Any]]]:
+        ready = list(self.pending.values())
+        self.pending = {}
+        return ready
+
+
+# ----------------------------------------------------------------------------- outputs
+def overlay_image(rgb: np.ndarray, color: np.ndarray, alpha: float) -> np.ndarray:
+    """The class colours blended over the image with weight ``alpha``."""
+    return cv2.addWeighted(color, alpha, rgb, 1.0 - alpha, 0.0)
+
+
+def write_outputs(out_dir: str, rel: str, rgb: np.ndarray, pred: np.ndarray, edge_prob: Optional[np.ndarray],
+                  alpha: float) -> None:
+    stem = os.path.join(out_dir, output_stem(rel))
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    color = colorize(pred)
+    write_png(f"{stem}_labelIds.png", trainid_to_labelid(pred).astype(np.uint8))
+    write_png(f"{stem}_color.png", color)
+    write_png(f"{stem}_overlay.png", overlay_image(rgb, color, alpha))
+    if edge_prob is not None:
+        write_png(f"{stem}_edge.png", edge_image(edge_prob))
+
+
+# ----------------------------------------------------------------------------- running
+def shard(items: Sequence[Any], rank: int, world_size: int) -> List[Any]:
+    """The contiguous share of ``items`` of one process (every item exactly once)."""
+    n = len(items)
+    return list(items[rank * n // world_size:(rank + 1) * n // world_size])
+
+
+def run_inference(cfg: ExperimentConfig, model_path: str, source: str, ctx: dist.DistContext,
+                  overlay_alpha: float = 0.5, progress: bool = True) -> Dict[str, Any]:
+    """Predict every image of ``source`` and write its PNGs under ``cfg.output_dir``.  Returns
+    counts and timing (summed over processes); failures are listed in ``failed``."""
+    if not model_path:
+        raise UserError("--model_path is required: the checkpoint to run")
+    if not os.path.isfile(model_path):
+        raise UserError(f"model file {model_path} does not exist")
+    if not 0.0 <= overlay_alpha <= 1.0:
+        raise UserError(f"--overlay_alpha must be in [0, 1], got {overlay_alpha}")
+    images = find_images(source)
+    check_unique_outputs(images)
+    inference = inference_mode_from_config(cfg.val, cfg.model)
+    net = build_model(cfg)
+    report = load_checkpoint(net, model_path)
+    log.info("loaded %s into %s (hrnet_base %s, has_edge %s): %s", model_path, cfg.model.arch, net.hrnet_base,
+             cfg.model.has_edge, report)
+    device = ctx.device
+    net.to(device).eval()
+    amp_dtype = resolve_amp(cfg.val.amp, device)
+    mine = shard(images, ctx.rank, ctx.world_size)
+    # OpenCV's own decoder messages would duplicate (less clearly) the one error line per file below.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    log.info("%d images from %s on %d process(es), device %s, amp %s, batch %d, inference: %s", len(images), source,
+             ctx.world_size, device, amp_dtype or "off", cfg.val.batch_size, inference.describe())
+    loader = torch.utils.data.DataLoader(ImageFiles(mine), batch_size=1, shuffle=False,
+                                         num_workers=cfg.val.num_workers, collate_fn=_as_list)
+    batcher = SizeBatcher(cfg.val.batch_size)
+    failed: List[Tuple[str, str]] = []
+    written = 0
+    bar = tqdm(total=len(mine), desc="inference", unit="img", dynamic_ncols=True,
+               disable=not (progress and ctx.is_main))
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=2) as pool:  # PNG encoding overlaps the next forward
+        pending_writes: Deque[Future] = collections.deque()
+
+        def run_batch(batch: List[Dict[str, Any]]) -> None:
+            nonlocal written
+            images_t = torch.stack([item["image"] for item in batch]).to(device, non_blocking=True)
+            try:
+                with torch.no_grad(), autocast(device, amp_dtype):
+                    out = predict(net, images_t, inference)
+                preds = out["pred"].argmax(1).to(torch.uint8).cpu().numpy()
+            except (RuntimeError, ValueError) as exc:  # e.g. too small for an HMS scale, out of memory
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                for item in batch:
+                    log.error("cannot segment image %s (%dx%d): %s", item["path"], *images_t.shape[-2:], reason)
+                    failed.append((item["path"], reason))
+                bar.update(len(batch))
+                return
+            edge = out.get("edge_prob")
+            edges = edge[:, 0].float().cpu().numpy() if edge is not None else None
+            for i, item in enumerate(batch):
+                pending_writes.append(pool.submit(write_outputs, cfg.output_dir, item["rel"], item["rgb"], preds[i],
+                                                  None if edges is None else edges[i], overlay_alpha))
+            while len(pending_writes) > 4 * max(2, cfg.val.batch_size):  # bounded: images wait in memory
+                pending_writes.popleft().result()
+            written += len(batch)
+            bar.update(len(batch))
+
+        for (item,) in loader:
+            if item["error"] is not None:
+                log.error("cannot read image %s: %s", item["path"], item["error"])
+                failed.append((item["path"], item["error"]))
+                bar.update(1)
+                continue
+            if item["notice"]:
+                log.warning("%s: %s", item["path"], item["notice"])
+            for batch in batcher.add(item):
+                run_batch(batch)
+        for batch in batcher.flush():
+            run_batch(batch)
+        for future in pending_writes:
+            future.result()  # a failed write (disk full, permissions) stops the run here
+    bar.close()
+    elapsed = time.time() - start
+    counts = dist.all_reduce(torch.tensor([written, len(failed)], dtype=torch.float64, device=device)).cpu()
+    elapsed_max = dist.all_reduce(torch.tensor([elapsed], dtype=torch.float64, device=device), op="max").item()
+    all_failed = [f for rank_failed in dist.all_gather_object(failed) for f in rank_failed]
+    summary = {"images": len(images), "written": int(counts[0]), "failed": all_failed,
+               "seconds": round(elapsed_max, 3),
+               "images_per_second": round(counts[0].item() / elapsed_max, 3) if elapsed_max > 0 else None,
+               "inference": inference.describe(), "output_dir": cfg.output_dir}
+    return summary
+
+
+# ----------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p)
+    p.add_argument("--input", required=True, help="an image, a folder (recursive) or a text file of image paths")
+    p.add_argument("--output_dir", help="where the PNGs go, keeping --input's folder structure (default runs/infer)")
+    p.add_argument("--model_path", help="checkpoint (released .pth or one of ours)")
+    p.add_argument("--arch", help="ocrnet.AuxHRNet | lighthrnet.HRNet16 | ocrnet.HRNet | ocrnet.HRNet_Mscale")
+    p.add_argument("--hrnet_base", type=int, help="trunk width: 16, 18 or 48 (default: the arch's own)")
+    p.add_argument("--has_edge", type=str2bool, help="build the edge head and write <stem>_edge.png (True/False)")
+    p.add_argument("--batch_size", type=int, help="same-size images per forward pass (val.batch_size)")
+    p.add_argument("--num_workers", type=int, help="image-decoding workers per process (val.num_workers)")
+    p.add_argument("--amp", choices=("auto", "on", "off", "bf16", "fp16"),
+                   help="autocast: auto (bf16 on CUDA, off on CPU), on (=bf16), off, bf16, fp16")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
+    p.add_argument("--scales", help="HMS: its attention scales; other archs: scales whose logits are averaged")
+    p.add_argument("--sliding_window", type=str2bool, nargs="?", const=True, default=None,
+                   help="average the logits of overlapping --window_size crops")
+    p.add_argument("--window_size", help="sliding-window crop H,W (default 1024,1024)")
+    p.add_argument("--window_stride", help="sliding-window stride H,W (default 768,768)")
+    p.add_argument("--flip", type=str2bool, nargs="?", const=True, default=None,
+                   help="average with the horizontally flipped image's prediction")
+    p.add_argument("--overlay_alpha", type=float, default=0.5, help="weight of the colours in the overlay")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    if args.scales is not None:
+        args.scales = "[" + str(args.scales) + "]"
+    for flag in ("window_size", "window_stride"):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(args, flag, "[" + (value if "," in str(value) else f"{value},{value}") + "]")
+    if args.amp == "on":
+        args.amp = "bf16"
+    overrides = flag_overrides(args, {
+        "output_dir": "output_dir", "device": "train.device", "arch": "model.arch", "hrnet_base": "model.hrnet_base",
+        "has_edge": "model.has_edge", "batch_size": "val.batch_size", "num_workers": "val.num_workers",
+        "amp": "val.amp", "scales": "model.eval_scales", "sliding_window": "val.sliding_window",
+        "window_size": "val.window_size", "window_stride": "val.window_stride", "flip": "val.flip"})
+    return load_config(ExperimentConfig, args.config, overrides, defaults={"output_dir": "runs/infer"})
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+
+    def body(cfg: ExperimentConfig, ctx: dist.DistContext) -> None:
+        summary = run_inference(cfg, args.model_path, args.input, ctx, overlay_alpha=args.overlay_alpha)
+        if ctx.is_main:
+            print(f"{summary['written']} images in {summary['seconds']:.1f}s ({summary['images_per_second']} "
+                  f"images/s), inference: {summary['inference']}; outputs: {summary['output_dir']}")
+        if summary["failed"]:
+            names = [path for path, _ in summary["failed"]]
+            shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            raise UserError(f"{len(names)} of {summary['images']} images could not be read or segmented (the "
+                            f"others were written): {shown}")
+
+    script_main(args, config_from_args, body, "infer_log.txt")
+
+
+if __name__ == "__main__":
+    main()

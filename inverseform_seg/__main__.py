@@ -1,0 +1,5 @@
+import sys
+
+from inverseform_seg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,184 @@
+"""MobileNetV2, the NUS auxiliary net, sampler, un-sampler and wrapper (models.mobilenetv2, models.nus)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.interpolate import griddata
+
+from datasets.labels import labelid_to_trainid
+from datasets.nus_targets import target_locations
+from datasets.synthetic import render_scene
+from models import get_net
+from models.mobilenetv2 import MobileNetV2, load_imagenet_mobilenetv2
+from models.nus import (AuxiliaryNet, NUSSegmenter, normalize_locations, resize_locations, sample, uniform_grid,
+                        unsample)
+
+
+def test_mobilenetv2_matches_torchvision_layout_and_size():
+    net = MobileNetV2(1.0, include_top=True)
+    # torchvision.models.mobilenet_v2(): 3,504,872 parameters, 314 state-dict entries.
+    assert sum(p.numel() for p in net.parameters()) == 3_504_872
+    state = net.state_dict()
+    assert len(state) == 314
+    expected = {"features.0.0.weight": (32, 3, 3, 3), "features.1.conv.0.0.weight": (32, 1, 3, 3),
+                "features.1.conv.1.weight": (16, 32, 1, 1), "features.2.conv.0.0.weight": (96, 16, 1, 1),
+                "features.17.conv.2.weight": (320, 960, 1, 1), "features.18.0.weight": (1280, 320, 1, 1),
+                "classifier.1.weight": (1000, 1280)}
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, key
+
+
+@pytest.mark.parametrize("output_stride", [8, 16, 32])
+def test_mobilenetv2_output_stride(output_stride):
+    net = MobileNetV2(0.25, output_stride=output_stride).eval()
+    out = net(torch.zeros(1, 3, 64, 64))
+    assert out.shape == (1, net.out_channels, 64 // output_stride, 64 // output_stride)
+    assert net.out_channels == 80  # 320 x 0.25
+
+
+def test_imagenet_checkpoint_in_torchvision_layout_loads(tmp_path):
+    full = MobileNetV2(1.0, include_top=True)
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(full.state_dict(), path)
+    seg = get_net("deeplabv3.MobileNetV2")
+    report = load_imagenet_mobilenetv2(seg.backbone, str(path))
+    assert "classifier.1.weight" in report["skipped"] and "features.18.0.weight" in report["skipped"]
+    for key, value in seg.backbone.state_dict().items():
+        assert torch.equal(value, full.state_dict()[key])
+    torch.save(MobileNetV2(0.5, include_top=True).state_dict(), path)
+    with pytest.raises(ValueError, match="does not fit MobileNetV2"):
+        load_imagenet_mobilenetv2(seg.backbone, str(path))
+
+
+def test_deeplabv3_arch_in_factory():
+    net = get_net("deeplabv3.MobileNetV2", num_classes=5).eval()
+    assert net(torch.zeros(1, 3, 40, 56))["pred"].shape == (1, 5, 40, 56)
+    with pytest.raises(ValueError, match="no edge head"):
+        get_net("deeplabv3.MobileNetV2", has_edge=True)
+    with pytest.raises(ValueError, match="takes no hrnet_base"):
+        get_net("deeplabv3.MobileNetV2", hrnet_base=18)
+    with pytest.raises(TypeError, match="unknown option"):
+        get_net("deeplabv3.MobileNetV2", scales=(1.0,))
+
+
+def test_auxiliary_net_starts_from_the_uniform_grid_and_learns():
+    torch.manual_seed(0)
+    net = AuxiliaryNet()
+    assert net.grid_size == (8, 8)
+    np.testing.assert_allclose(net.mean_locations.detach()[0].numpy(), uniform_grid((8, 8)).numpy())
+    images = torch.randn(4, 3, 128, 96)
+    out = net(images)
+    assert out.shape == (4, 8, 8, 2)
+    loss = F.mse_loss(out, uniform_grid((8, 8)).expand(4, -1, -1, -1))
+    loss.backward()
+    assert net.mean_locations.grad is not None and net.backbone.features[0][0].weight.grad.abs().sum() > 0
+
+
+def test_normalize_and_resize_locations():
+    loc = torch.rand(2, 8, 8, 2) * 1.4 - 0.2
+    norm = normalize_locations(loc)
+    assert norm.min() >= 0 and norm.max() <= 1
+    assert (norm[:, 0, :, 0] == 0).all() and (norm[:, -1, :, 0] == 1).all()
+    assert (norm[:, :, 0, 1] == 0).all() and (norm[:, :, -1, 1] == 1).all()
+    dense = resize_locations(uniform_grid((8, 8))[None], (5, 7))
+    torch.testing.assert_close(dense[0], uniform_grid((5, 7)))
+
+
+def test_nearest_sampling_is_the_reference_gather():
+    image = torch.arange(2 * 3 * 10 * 12, dtype=torch.float32).reshape(2, 3, 10, 12)
+    loc = torch.rand(2, 4, 5, 2)
+    out = sample(image, loc)
+    rows = np.round(loc[..., 0].numpy() * 9).astype(int)
+    cols = np.round(loc[..., 1].numpy() * 11).astype(int)
+    for n in range(2):
+        np.testing.assert_array_equal(out[n].numpy(), image[n].numpy()[:, rows[n], cols[n]])
+    labels = torch.randint(0, 19, (2, 10, 12))
+    np.testing.assert_array_equal(sample(labels, loc)[1].numpy(), labels[1].numpy()[rows[1], cols[1]])
+    # Bilinear at the grid's pixels equals nearest; uniform grid at full size is the identity.
+    full = uniform_grid((10, 12))[None].expand(2, -1, -1, -1)
+    torch.testing.assert_close(sample(image, full, "bilinear"), image)
+    torch.testing.assert_close(sample(image, full), image)
+
+
+def _realistic_case(seed, height, width, grid):
+    _, ids = render_scene(np.random.default_rng(seed), height, width)
+    label = labelid_to_trainid(ids).astype(np.int64)
+    coarse = torch.from_numpy(target_locations(label))[None]
+    loc = normalize_locations(resize_locations(coarse, grid).double())
+    sampled = sample(torch.from_numpy(label)[None], loc).clamp(max=18)
+    gen = torch.Generator().manual_seed(seed)
+    logits = 4 * F.one_hot(sampled, 19).permute(0, 3, 1, 2).double() + torch.randn(1, 19, *grid, generator=gen,
+                                                                                     dtype=torch.float64)
+    return label, loc, logits
+
+
+def _griddata(loc, logits, height, width):
+    points = loc[0].numpy().reshape(-1, 2) * np.array([height - 1, width - 1])
+    values = logits[0].permute(1, 2, 0).reshape(-1, logits.shape[1]).numpy()
+    pixels = np.stack(np.mgrid[:height, :width], -1).reshape(-1, 2)
+    return griddata(points, values, pixels, method="linear").reshape(height, width, -1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unsample_argmax_equals_griddata_linear(seed):
+    """On learned-looking grids (regularised targets of synthetic scenes) and noisy logits."""
+    height, width = 128, 256
+    label, loc, logits = _realistic_case(seed, height, width, (32, 64))
+    ours = unsample(logits, loc, (height, width))[0].permute(1, 2, 0).numpy()
+    ref = _griddata(loc, logits, height, width)
+    valid = ~np.isnan(ref).any(-1)
+    assert valid.mean() > 0.99
+    agree = (ours.argmax(-1) == ref.argmax(-1))[valid].mean()
+    assert agree >= 0.995, agree
+
+
+def test_unsample_reproduces_linear_functions_and_sample_values():
+    torch.manual_seed(0)
+    coarse = normalize_locations(uniform_grid((8, 8))[None] + 0.03 * torch.randn(2, 8, 8, 2))
+    loc = resize_locations(coarse, (12, 16)).double()
+    height, width = 50, 70
+    points = normalize_locations(loc) * torch.tensor([height - 1, width - 1], dtype=torch.float64)
+    # Values that are affine in (row, col): any triangulation reproduces them exactly.
+    logits = torch.stack([points[..., 0], points[..., 1], 2 * points[..., 0] - points[..., 1] + 3], 1)
+    out = unsample(logits, loc, (height, width))
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                                indexing="ij")
+    expected = torch.stack([rows, cols, 2 * rows - cols + 3])[None].expand(2, -1, -1, -1)
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=0)
+    # The uniform grid at the output size gives the logits back.
+    same = torch.randn(1, 4, 9, 11)
+    torch.testing.assert_close(unsample(same, uniform_grid((9, 11))[None], (9, 11)), same, atol=1e-5, rtol=0)
+
+
+def test_unsample_is_batched_differentiable_and_checks_shapes():
+    torch.manual_seed(0)
+    loc = resize_locations(normalize_locations(uniform_grid((8, 8))[None] + 0.02 * torch.randn(3, 8, 8, 2)),
+                           (10, 10))
+    logits = torch.randn(3, 5, 10, 10, requires_grad=True)
+    out = unsample(logits, loc, (33, 41))
+    assert out.shape == (3, 5, 33, 41)
+    for n in range(3):
+        torch.testing.assert_close(out[n:n + 1], unsample(logits[n:n + 1], loc[n:n + 1], (33, 41)))
+    out.sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="disagree"):
+        unsample(logits, loc[:2], (33, 41))
+
+
+def test_wrapper_samples_segments_and_unsamples():
+    torch.manual_seed(0)
+    seg = get_net("deeplabv3.MobileNetV2", num_classes=4, width=0.35, output_stride=16)
+    net = NUSSegmenter(seg, AuxiliaryNet(), sampling_size=(16, 24))
+    images = torch.randn(2, 3, 40, 64)
+    net.train()
+    assert not net.aux_net.training
+    out = net(images)
+    assert out["sampled_pred"].shape == (2, 4, 16, 24) and out["locations"].shape == (2, 16, 24, 2)
+    assert "pred" not in out
+    out["sampled_pred"].sum().backward()
+    assert all(p.grad is None for p in net.aux_net.parameters())  # frozen
+    net.eval()
+    out = net(images)
+    assert out["pred"].shape == (2, 4, 40, 64)
+    baseline = NUSSegmenter(seg, None, sampling_size=(16, 24)).eval()
+    torch.testing.assert_close(baseline(images)["locations"][0], uniform_grid((16, 24)))

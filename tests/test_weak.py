@@ -1,0 +1,240 @@
+"""Weak supervision: scribbles drawn from full labels, the roi the transform carries, PASCAL VOC in
+the reference's layout, the pCE + DenseCRF objective, and training/comparison end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from datasets import TrainTransform, ValTransform
+from datasets.scribbles import ScribbleCityscapes, draw_scribbles, labeled_fraction
+from datasets.voc import VOCSegmentation, voc_colormap
+from experiment.common import UserError
+from experiment.config import ExperimentConfig
+from experiment.weak import WeakObjective, check_config, partial_cross_entropy, run_comparison
+from utils import dist
+from utils.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- scribbles
+def blocks_label():
+    label = np.full((60, 80), 255, np.uint8)
+    label[:30, :40] = 0
+    label[:30, 40:] = 1
+    label[30:, :] = 2
+    label[40:50, 10:30] = 3       # an object inside class 2
+    label[0:4, 0:4] = 4           # too small for a scribble (16 px < min_area)
+    return label
+
+
+def test_scribbles_are_inside_objects_and_deterministic():
+    label = blocks_label()
+    a = draw_scribbles(label, np.random.default_rng(0), fraction=0.05, width=3, min_area=30)
+    b = draw_scribbles(label, np.random.default_rng(0), fraction=0.05, width=3, min_area=30)
+    c = draw_scribbles(label, np.random.default_rng(1), fraction=0.05, width=3, min_area=30)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    labeled = a != 255
+    assert np.array_equal(a[labeled], label[labeled])              # scribbles copy the full label
+    assert set(np.unique(a[labeled])) == {0, 1, 2, 3}              # every large object, not the tiny one
+    # strokes keep one pixel away from the region's border
+    for cls in (0, 1, 2, 3):
+        inside = cv2.erode((label == cls).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        assert not (labeled & (label == cls) & ~inside).any()
+    assert 0.01 < labeled_fraction(a) < 0.15
+
+
+def test_synthetic_scribbles_label_a_small_share(tiny_cityscapes):
+    """A few percent of the pixels (about 3 % at the synthetic dataset's 256 x 512; more on these
+    64 x 128 images, where strokes cannot be shorter than they are wide)."""
+    ds = ScribbleCityscapes(tiny_cityscapes, "train", scribble_seed=0, precompute=True)
+    fractions = [labeled_fraction(ds.load_label(i)) for i in range(len(ds))]
+    assert 0.015 < np.mean(fractions) < 0.1
+    again = ScribbleCityscapes(tiny_cityscapes, "train", scribble_seed=0)       # drawn on demand: the same
+    assert all(np.array_equal(ds.load_label(i), again.load_label(i)) for i in range(len(ds)))
+    full = ds.full_label(0)
+    scribble = ds.load_label(0)
+    assert np.array_equal(scribble[scribble != 255], full[scribble != 255])
+
+
+# ----------------------------------------------------------------------------- roi
+def test_transform_roi_marks_padding_and_follows_the_flip():
+    image = np.full((40, 60, 3), 120, np.uint8)
+    label = np.zeros((40, 60), np.uint8)
+    t = TrainTransform(crop_size=(64, 96), scale_range=(1.0, 1.0), flip=True, with_roi=True)
+    for seed in range(6):
+        sample = t(image, label, rng=np.random.default_rng(seed))
+        roi, lab = sample["roi"], sample["label"]
+        assert roi.dtype == torch.float32 and roi.shape == (64, 96)
+        assert roi.sum() == 40 * 60                                  # the image, exactly once
+        assert torch.equal(roi == 0, lab == 255)                     # padding, and only padding
+    plain = TrainTransform(crop_size=(64, 96), scale_range=(1.0, 1.0))(image, label, rng=np.random.default_rng(0))
+    assert set(plain) == {"image", "label", "edge"}                   # default outputs unchanged
+    val = ValTransform(with_roi=True)(image, label)
+    assert torch.equal(val["roi"], torch.ones(40, 60))
+
+
+def test_roi_of_a_scribble_label_is_not_the_unlabeled_mask():
+    image = np.full((40, 60, 3), 90, np.uint8)
+    scribble = np.full((40, 60), 255, np.uint8)
+    scribble[20, 10:50] = 3
+    sample = TrainTransform(crop_size=(48, 80), scale_range=(1.0, 1.0), flip=False, with_roi=True)(
+        image, scribble, rng=np.random.default_rng(0))
+    assert (sample["label"] == 255).sum() > (sample["roi"] == 0).sum() > 0
+
+
+# ----------------------------------------------------------------------------- VOC
+def make_voc(root, palette_labels=False):
+    ids = ["2007_000001", "2007_000002"]
+    for sub in ("JPEGImages", "SegmentationClassAug", "pascal_2012_scribble", "ImageSets/SegmentationAug"):
+        os.makedirs(root / sub, exist_ok=True)
+    cmap = voc_colormap()
+    for i, name in enumerate(ids):
+        cv2.imwrite(str(root / "JPEGImages" / f"{name}.jpg"), np.full((30, 40, 3), 60 * i, np.uint8))
+        full = np.zeros((30, 40), np.uint8)
+        full[10:20, 10:30] = 15
+        full[0, :] = 255
+        scribble = np.full((30, 40), 255, np.uint8)
+        scribble[15, 12:28] = 15
+        scribble[25, 5:35] = 0
+        if palette_labels:   # a colour image of the palette, as VOC's SegmentationClass ships
+            colours = cmap.copy()
+            colours[255] = (224, 224, 192)
+            full = cv2.cvtColor(colours[full], cv2.COLOR_RGB2BGR)
+        cv2.imwrite(str(root / "SegmentationClassAug" / f"{name}.png"), full)
+        cv2.imwrite(str(root / "pascal_2012_scribble" / f"{name}.png"), scribble)
+    for split in ("train", "val"):
+        (root / "ImageSets" / "SegmentationAug" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return ids
+
+
+@pytest.mark.parametrize("palette", [False, True])
+def test_voc_layout_scribbles_and_full_labels(tmp_path, palette):
+    make_voc(tmp_path, palette_labels=palette)
+    scrib = VOCSegmentation(str(tmp_path), "train", labels="scribble",
+                            transform=TrainTransform(crop_size=(32, 48), scale_range=(1.0, 1.0), with_roi=True))
+    sample = scrib[0]
+    assert set(sample) == {"image", "label", "edge", "roi", "name"} and sample["name"] == "2007_000001"
+    assert set(torch.unique(sample["label"]).tolist()) <= {0, 15, 255}
+    full = VOCSegmentation(str(tmp_path), "val", labels="full")
+    label = full.load_label(0)
+    assert label[15, 15] == 15 and label[5, 5] == 0 and (label[0] == 255).all()
+
+
+def test_voc_missing_files_are_named(tmp_path):
+    ids = make_voc(tmp_path)
+    os.remove(tmp_path / "pascal_2012_scribble" / f"{ids[1]}.png")
+    with pytest.raises(FileNotFoundError, match=f"{ids[1]}.png"):
+        VOCSegmentation(str(tmp_path), "train")
+    with pytest.raises(FileNotFoundError, match="SegmentationAug/test.txt"):
+        VOCSegmentation(str(tmp_path), "test")
+
+
+# ----------------------------------------------------------------------------- objective
+def weak_config(**extra):
+    opts = {"weak.enabled": "true", "model.has_edge": "false", "loss.densecrf_weight": 1e-3,
+            "loss.densecrf_sigma_xy": 20}
+    opts.update(extra)
+    return load_config(ExperimentConfig, [], [f"{k}={v}" for k, v in opts.items()])
+
+
+def test_partial_cross_entropy_is_the_mean_over_labeled_pixels():
+    logits = torch.randn(2, 4, 6, 8)
+    label = torch.full((2, 6, 8), 255)
+    label[0, 1, 2], label[1, 3, 4], label[1, 5, 7] = 1, 2, 3
+    expected = torch.stack([torch.nn.functional.cross_entropy(logits[b:b + 1, :, y, x], label[b:b + 1, y, x])
+                            for b, y, x in ((0, 1, 2), (1, 3, 4), (1, 5, 7))]).mean()
+    torch.testing.assert_close(partial_cross_entropy(logits, label), expected)
+    torch.testing.assert_close(partial_cross_entropy(logits, label, batch_average=True), expected / 2)
+    none = partial_cross_entropy(logits, torch.full((2, 6, 8), 255))
+    assert none.item() == 0 and torch.isfinite(none)
+
+
+def test_weak_objective_adds_the_densecrf_term():
+    cfg = weak_config()
+    objective = WeakObjective(cfg.loss, cfg.weak, 19)
+    logits = torch.randn(2, 19, 16, 24, requires_grad=True)
+    label = torch.full((2, 16, 24), 255)
+    label[:, 8, 4:20] = 5
+    image = torch.randn(2, 3, 16, 24)
+    roi = torch.ones(2, 16, 24)
+    total, parts = objective({"pred": logits}, label, None, image=image, roi=roi)
+    assert set(parts) == {"pce", "densecrf"} and parts["densecrf"] < 0
+    torch.testing.assert_close(total.detach(), parts["pce"] + parts["densecrf"])
+    total.backward()
+    # the DenseCRF term reaches unlabeled pixels, which pCE alone never does
+    assert logits.grad[:, :, 0].abs().sum() > 0
+    pce_only = WeakObjective(weak_config(**{"loss.densecrf_weight": 0}).loss, cfg.weak, 19)
+    assert set(pce_only({"pred": logits}, label, None)[1]) == {"pce"}
+
+
+def test_scribbles_refuse_edge_and_inverseform_terms():
+    with pytest.raises(UserError, match="need full labels"):
+        check_config(weak_config(**{"model.has_edge": "true"}))
+    check_config(weak_config(**{"model.has_edge": "true", "weak.labels": "full"}))
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.fixture
+def ctx(monkeypatch):
+    for key in dist.ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    return dist.init_distributed("cpu")
+
+
+def test_comparison_trains_three_runs_and_writes_comparison_json(tiny_cityscapes, tmp_path, ctx):
+    opts = {"output_dir": tmp_path / "cmp", "data.dataset_dir": tiny_cityscapes, "data.crop_size": "[64, 128]",
+            "data.scale_range": "[0.75, 1.0]", "data.class_uniform_fraction": 0.0, "data.num_workers": 0,
+            "model.arch": "lighthrnet.HRNet16", "train.max_iters": 1, "train.batch_size": 2,
+            "train.log_interval": 1, "train.image_interval": 0, "train.val_interval": 0, "train.device": "cpu",
+            "train.amp": "off", "val.batch_size": 1, "val.num_workers": 0, "val.max_images": 1,
+            "weak.compare": "true", "weak.min_area": 10}
+    cfg = weak_config(**opts)
+    summary = run_comparison(cfg, ctx)
+    written = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert written["pce_miou"] == summary["pce_miou"]
+    for key in ("pce_miou", "densecrf_miou", "full_miou"):
+        assert 0 <= written[key] <= 1
+    for name in ("pce", "densecrf", "full"):
+        assert written["runs"][name]["seconds_per_iteration"] > 0
+        log = [json.loads(line) for line in (tmp_path / "cmp" / name / "train_log.jsonl").read_text().splitlines()]
+        assert ("densecrf" in log[-1]) == (name == "densecrf") and "pce" in log[-1]
+
+
+def test_training_on_voc_scribbles(tmp_path, ctx):
+    from experiment.train import train
+
+    make_voc(tmp_path / "voc")
+    cfg = weak_config(**{"output_dir": tmp_path / "run", "weak.source": "voc", "weak.voc_dir": tmp_path / "voc",
+                         "model.num_classes": 21, "model.arch": "lighthrnet.HRNet16", "data.crop_size": "[32, 48]",
+                         "data.num_workers": 0, "train.max_iters": 2, "train.batch_size": 2, "train.device": "cpu",
+                         "train.amp": "off", "train.image_interval": 0, "val.num_workers": 0})
+    metrics, _ = train(cfg, ctx)
+    assert metrics["num_images"] == 2 and len(metrics["per_class_iou"]) == 21
+
+
+def test_train_command_refuses_edges_with_scribbles(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "experiment.train", "--config", "configs/synthetic_scribbles.yaml",
+                          "--output_dir", str(tmp_path / "x"), "--opt", "model.has_edge=true"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "need full labels" in out.stderr + out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="the issue's target (DenseCRF >= pCE + 2 mIoU points) was not reached on "
+                                        "the synthetic scribbles: measured gains of -2.4 to +1.9 points (README)")
+def test_demo_densecrf_beats_pce_by_two_points(tmp_path):
+    """The README's demo: configs/synthetic_scribbles.yaml end to end (minutes on an idle CPU)."""
+    out = tmp_path / "demo"
+    subprocess.run([sys.executable, "-m", "experiment.train", "--config", "configs/synthetic_scribbles.yaml",
+                    "--output_dir", str(out)], cwd=ROOT, check=True, timeout=1800)
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["densecrf_miou"] - result["pce_miou"] >= 0.02
+    assert result["full_miou"] > result["pce_miou"]
