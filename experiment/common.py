@@ -19,6 +19,7 @@ import torch
 from models import CheckpointMismatchError
 from utils import dist
 from utils.config import ConfigError, add_config_arguments
+from utils.io import find_in_chain
 
 log = logging.getLogger("experiment")
 
@@ -49,16 +50,6 @@ def one_line(exc: BaseException) -> str:
         last = [line for line in text.splitlines() if line.strip()][-1].strip()
         text = last.split(": ", 1)[1] if last.startswith(type(exc).__name__ + ":") else last
     return text or f"{type(exc).__name__} (no message)"
-
-
-def _in_chain(exc: BaseException, kind: type) -> bool:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, kind):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def str2bool(text: str) -> bool:
@@ -203,7 +194,7 @@ def run_main(main: Callable[[], Any]) -> None:
         dist.cleanup()
         sys.exit(code)
     except Exception as exc:  # an unexpected failure: keep the traceback
-        if _in_chain(exc, KeyboardInterrupt):  # a Ctrl-C that a library wrapped in its own error
+        if find_in_chain(exc, KeyboardInterrupt) is not None:  # a Ctrl-C that a library wrapped in its own error
             print(f"[rank {dist.get_rank()}] interrupted", file=sys.stderr)
             dist.cleanup()
             sys.exit(130)

@@ -11,7 +11,6 @@ import contextlib
 import glob
 import logging
 import os
-import shutil
 import signal
 import threading
 import time

@@ -41,7 +41,7 @@ from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, f
                                resolve_amp, script_main, script_parser, seed_everything, str2bool)
 from experiment.config import ExperimentConfig, RegressorConfig
 from experiment.data import dataset_root, eval_loader, train_dataset, train_loader, val_dataset
-from experiment.engine import (History, NonFiniteLossError, NonFiniteWeightsError, StopRequested, batch_stream,
+from experiment.engine import (History, NonFiniteWeightsError, StopRequested, batch_stream,
                                check_finite, checkpoint_status, load_training_checkpoint, poly_with_warmup,
                                rng_state, save_training_checkpoint, set_rng_state, total_iterations)
 from experiment.run_safety import (StopSignal, check_resume, claim_output_dir, require_finite,
@@ -53,7 +53,7 @@ from experiment.validation import (PredictionDumper, build_model, denormalize, e
                                    metrics_table, write_metrics)
 from models import convert_sync_batchnorm, count_parameters, load_checkpoint, load_pretrained_backbone
 from utils import dist
-from utils.config import config_to_dict, load_config, save_config
+from utils.config import config_to_dict, save_config
 
 log = logging.getLogger("experiment.train")
 

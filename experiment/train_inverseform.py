@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
-import math
 import os
 import sys
 import time
@@ -63,7 +62,7 @@ from experiment.engine import (History, batch_stream, check_finite, human_time, 
 from inverseform import InverseNet, ParamNormaliser, params_to_matrix, sample_deviations, save_regressor, warp
 from inverseform.tiling import image_to_tiles, resize_for_tiling
 from utils import dist
-from utils.config import config_to_dict, load_config, save_config
+from utils.config import config_to_dict, save_config
 from utils.io import atomic_write_json
 
 log = logging.getLogger("experiment.train_inverseform")

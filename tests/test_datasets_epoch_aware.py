@@ -1,6 +1,9 @@
 """datasets.epoch_aware + experiment.data.train_loader: persistent workers give the exact
 (seed, epoch, index) stream of fresh workers and of an in-process loader, epoch after epoch
 and after a mid-epoch restart (set_start), as the exact resume needs."""
+import shutil
+
+import pytest
 import torch
 
 from datasets import Cityscapes, TrainTransform
@@ -8,6 +11,12 @@ from datasets.epoch_aware import EpochAwareDataset, EpochIndexSampler
 from datasets.samplers import DistributedTrainSampler
 from experiment.data import train_loader
 from experiment.engine import batch_stream
+
+
+@pytest.fixture
+def root(tiny_cityscapes, tmp_path):
+    """A copy: class-uniform sampling writes its centroid cache into the dataset root."""
+    return shutil.copytree(tiny_cityscapes, tmp_path / "cityscapes")
 
 
 def make_dataset(root):
@@ -20,22 +29,22 @@ def stream(loader, start, stop):
             batch_stream(loader, start, stop)]
 
 
-def test_persistent_workers_reproduce_the_in_process_stream(tiny_cityscapes):
-    dataset = make_dataset(tiny_cityscapes)
+def test_persistent_workers_reproduce_the_in_process_stream(root):
+    dataset = make_dataset(root)
     persistent = train_loader(dataset, batch_size=2, num_workers=2, seed=5)
     assert persistent.persistent_workers and persistent.prefetch_factor >= 2
-    in_process = train_loader(make_dataset(tiny_cityscapes), batch_size=2, num_workers=0, seed=5)
+    in_process = train_loader(make_dataset(root), batch_size=2, num_workers=0, seed=5)
     expected = stream(in_process, 0, 9)  # 3 batches per epoch: three epochs, class-uniform lists differ
     assert len({e for e, *_ in expected}) == 3
     assert stream(persistent, 0, 9) == expected
     # a resumed run: same loader object, workers already alive, restarted mid-epoch
     assert stream(persistent, 4, 9) == expected[4:]
     # and a fresh persistent loader resumed mid-epoch
-    assert stream(train_loader(make_dataset(tiny_cityscapes), 2, 2, seed=5), 5, 9) == expected[5:]
+    assert stream(train_loader(make_dataset(root), 2, 2, seed=5), 5, 9) == expected[5:]
 
 
-def test_wrappers_pass_the_epoch_and_delegate(tiny_cityscapes):
-    dataset = make_dataset(tiny_cityscapes)
+def test_wrappers_pass_the_epoch_and_delegate(root):
+    dataset = make_dataset(root)
     wrapped = EpochAwareDataset(dataset)
     sampler = EpochIndexSampler(DistributedTrainSampler(dataset, num_replicas=1, rank=0, seed=5))
     sampler.set_epoch(2)
@@ -45,7 +54,7 @@ def test_wrappers_pass_the_epoch_and_delegate(tiny_cityscapes):
     assert wrapped.epoch == 0
     sample = wrapped[keys[0]]
     assert wrapped.epoch == 2  # switched to the key's epoch
-    reference = make_dataset(tiny_cityscapes)
+    reference = make_dataset(root)
     reference.set_epoch(2)
     assert torch.equal(sample["image"], reference[keys[0][1]]["image"])
     assert torch.equal(wrapped[0]["label"], reference[0]["label"])  # a plain index: current epoch

@@ -2,6 +2,7 @@
 channels_last chosen by device and output-preserving, torch.compile wrapping (cheap 'eager'
 backend) with plain checkpoint keys, padded fixed-shape eval batches, CUDA-only config
 overrides, evaluation autocast, the background writer, and evaluate() == the numpy oracle."""
+import shutil
 import threading
 import time
 
@@ -251,6 +252,8 @@ def test_resume_with_persistent_workers_matches_an_in_process_run(tiny_cityscape
     torch.manual_seed(0)
     regressor = tmp_path / "regressor.pth"
     save_regressor(InverseNet(tile_size=32, num_params=4, hidden=(64, 16)), regressor, {"dataset": "test"})
+    # a copy: class-uniform sampling writes its centroid cache into the dataset root
+    tiny_cityscapes = shutil.copytree(tiny_cityscapes, tmp_path / "cityscapes")
     common = {"data.class_uniform_fraction": 0.5, "train.val_interval": 0, "train.max_iters": 7}
     _, straight = train(config(tiny_cityscapes, tmp_path / "a", regressor, **common), ctx)
     workers = {**common, "data.num_workers": 2}

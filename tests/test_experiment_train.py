@@ -13,22 +13,11 @@ import torch
 from experiment.config import ExperimentConfig, RegressorConfig
 from experiment.engine import NonFiniteLossError, load_training_checkpoint
 from experiment.train import train
-from inverseform import InverseNet, save_regressor
 from utils import dist
 from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
-
-
-@pytest.fixture(scope="module")
-def regressor(tmp_path_factory):
-    """A small regressor in the released format: 32 x 32 tiles (64 x 128 crops, tile_factor 1)."""
-    torch.manual_seed(0)
-    net = InverseNet(tile_size=32, num_params=4, hidden=(64, 16))
-    path = tmp_path_factory.mktemp("regressor") / "regressor.pth"
-    save_regressor(net, path, {"dataset": "test"})
-    return path
 
 
 def overrides(root, out, regressor, **extra):

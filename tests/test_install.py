@@ -7,7 +7,6 @@ Slow (a few minutes; pip reaches the package index for `datasets` and, in the bu
 environment, for setuptools):  python -m pytest -m slow tests/test_install.py
 The virtual environment sees the system's packages (--system-site-packages) so that torch is
 not downloaded again; everything of this project and `datasets` is installed into it."""
-import hashlib
 import os
 import shutil
 import subprocess

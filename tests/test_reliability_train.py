@@ -16,21 +16,11 @@ from experiment.common import UserError, run_main
 from experiment.config import ExperimentConfig
 from experiment.engine import NonFiniteLossError, NonFiniteWeightsError, load_training_checkpoint
 from experiment.train import build_parser, train
-from inverseform import InverseNet, save_regressor
 from utils import dist
 from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
-
-
-@pytest.fixture(scope="module")
-def regressor(tmp_path_factory):
-    torch.manual_seed(0)
-    net = InverseNet(tile_size=32, num_params=4, hidden=(64, 16))
-    path = tmp_path_factory.mktemp("regressor") / "regressor.pth"
-    save_regressor(net, path, {"dataset": "test"})
-    return path
 
 
 def settings(root, out, regressor, **extra):

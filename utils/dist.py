@@ -181,6 +181,23 @@ class _RankFilter(logging.Filter):
         return True
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A console handler that writes to ``sys.stdout`` as it is when a record is emitted, not as
+    it was at set-up: a stdout replaced later (pytest's capture, a notebook, a redirect) never
+    leaves the handler writing into a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(output_dir: Optional[str] = None, rank: Optional[int] = None,
                   level: int = logging.INFO, filename: str = "log.txt") -> logging.Logger:
     """Root logging for a run: rank 0 logs INFO to the console and ``output_dir/filename``;
@@ -193,7 +210,7 @@ def setup_logging(output_dir: Optional[str] = None, rank: Optional[int] = None,
             handler.close()
     root.setLevel(level)
     fmt = logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
+    console = _StdoutHandler()
     console.setLevel(level if rank == 0 else logging.WARNING)
     console.setFormatter(fmt)
     console.addFilter(_RankFilter(rank))

@@ -43,10 +43,10 @@ def atomic_open(path: PathLike, mode: str = "wb", encoding: str | None = None) -
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        interrupt = _find_in_chain(exc, KeyboardInterrupt)
+        interrupt = find_in_chain(exc, KeyboardInterrupt)
         if interrupt is not None and interrupt is not exc:
             raise KeyboardInterrupt from None  # torch.save wraps a Ctrl-C in a RuntimeError
-        os_error = _find_in_chain(exc, OSError)
+        os_error = find_in_chain(exc, OSError)
         if os_error is not None:  # e.g. disk full: say which file, not just "file write failed"
             raise _named_os_error(os_error, path) from exc
         raise
@@ -58,7 +58,7 @@ def _current_umask() -> int:
     return mask
 
 
-def _find_in_chain(exc: BaseException, kind: type):
+def find_in_chain(exc: BaseException, kind: type):
     """``exc`` or the first exception of ``kind`` it was raised from (``__cause__``/``__context__``)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
