@@ -88,6 +88,33 @@ def script_parser(doc: str, output_help: str, opt_example: str = "optim.lr=0.01 
 SHARED_FLAGS = {"output_dir": "output_dir", "dataset_dir": "data.dataset_dir", "device": "train.device"}
 
 
+# Test-time inference flags shared by validation and infer (flag -> config key).
+INFERENCE_FLAGS = {"scales": "model.eval_scales", "sliding_window": "val.sliding_window",
+                   "window_size": "val.window_size", "window_stride": "val.window_stride", "flip": "val.flip"}
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """--scales, --sliding_window/--window_size/--window_stride and --flip (experiment/inference.py)."""
+    parser.add_argument("--scales", help="HMS: its attention scales, e.g. 0.25,0.5,1.0,2.0; other archs: scales "
+                        "whose logits are averaged, e.g. 0.75,1.0,1.25 (model.eval_scales)")
+    parser.add_argument("--sliding_window", type=str2bool, nargs="?", const=True, default=None,
+                        help="average the logits of overlapping --window_size crops (val.sliding_window)")
+    parser.add_argument("--window_size", help="sliding-window crop H,W (default 1024,1024)")
+    parser.add_argument("--window_stride", help="sliding-window stride H,W (default 768,768)")
+    parser.add_argument("--flip", type=str2bool, nargs="?", const=True, default=None,
+                        help="average with the horizontally flipped image's prediction (val.flip)")
+
+
+def normalise_inference_flags(args: argparse.Namespace) -> None:
+    """In place: --scales and the window sizes as YAML lists ("H,W", or one number for a square)."""
+    if getattr(args, "scales", None) is not None:
+        args.scales = "[" + str(args.scales) + "]"
+    for flag in ("window_size", "window_stride"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(args, flag, "[" + (value if "," in str(value) else f"{value},{value}") + "]")
+
+
 def flag_overrides(args: argparse.Namespace, mapping: Dict[str, str]) -> List[str]:
     """``--opt`` overrides followed by ``key=value`` for every given flag of ``mapping``
     (flag name -> config key): explicit flags win over config files and --opt."""

@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from datasets import colorize, trainid_to_labelid
 from datasets.transforms import normalize_image
-from experiment.common import (UserError, autocast, flag_overrides, resolve_amp, script_main, str2bool)
+from experiment.common import (INFERENCE_FLAGS, UserError, add_inference_arguments, autocast, flag_overrides,
+                               normalise_inference_flags, resolve_amp, script_main, str2bool)
 from experiment.config import ExperimentConfig
 from experiment.inference import inference_mode_from_config, predict
 from experiment.validation import build_model, edge_image, write_png
@@ -327,32 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("auto", "on", "off", "bf16", "fp16"),
                    help="autocast: auto (bf16 on CUDA, off on CPU), on (=bf16), off, bf16, fp16")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
-    p.add_argument("--scales", help="HMS: its attention scales; other archs: scales whose logits are averaged")
-    p.add_argument("--sliding_window", type=str2bool, nargs="?", const=True, default=None,
-                   help="average the logits of overlapping --window_size crops")
-    p.add_argument("--window_size", help="sliding-window crop H,W (default 1024,1024)")
-    p.add_argument("--window_stride", help="sliding-window stride H,W (default 768,768)")
-    p.add_argument("--flip", type=str2bool, nargs="?", const=True, default=None,
-                   help="average with the horizontally flipped image's prediction")
+    add_inference_arguments(p)
     p.add_argument("--overlay_alpha", type=float, default=0.5, help="weight of the colours in the overlay")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    if args.scales is not None:
-        args.scales = "[" + str(args.scales) + "]"
-    for flag in ("window_size", "window_stride"):
-        value = getattr(args, flag)
-        if value is not None:
-            setattr(args, flag, "[" + (value if "," in str(value) else f"{value},{value}") + "]")
+    normalise_inference_flags(args)
     if args.amp == "on":
         args.amp = "bf16"
     overrides = flag_overrides(args, {
         "output_dir": "output_dir", "device": "train.device", "arch": "model.arch", "hrnet_base": "model.hrnet_base",
         "has_edge": "model.has_edge", "batch_size": "val.batch_size", "num_workers": "val.num_workers",
-        "amp": "val.amp", "scales": "model.eval_scales", "sliding_window": "val.sliding_window",
-        "window_size": "val.window_size", "window_stride": "val.window_stride", "flip": "val.flip"})
+        "amp": "val.amp", **INFERENCE_FLAGS})
     return load_config(ExperimentConfig, args.config, overrides, defaults={"output_dir": "runs/infer"})
 
 

@@ -42,14 +42,15 @@ from datasets import IMAGENET_MEAN, IMAGENET_STD, TRAIN_CLASS_NAMES, colorize, t
 from experiment.acceleration import (compile_model, is_compiled, pad_batch, place_model, resolve_eval_amp,
                                      to_device_images)
 from experiment.background import BackgroundWriter, HostCopy, to_host
-from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides, script_main,
-                               script_parser, str2bool)
+from experiment.common import (INFERENCE_FLAGS, SHARED_FLAGS, Rank0Writer, UserError, add_inference_arguments,
+                               autocast, flag_overrides, normalise_inference_flags, script_main, script_parser,
+                               str2bool)
+from experiment.common import on_main_first
 from experiment.config import ExperimentConfig
 from experiment.data import dataset_root, eval_loader, val_dataset
 from experiment.inference import WHOLE, InferenceMode, inference_mode_from_config, predict
 from experiment.losses import joint_loss, load_inverseform
 from datasets import NUM_CLASSES  # noqa: E402  (issue 14: num_classes check)
-from experiment.common import on_main_first
 from experiment.engine import unreadable_reason
 from experiment.run_safety import claim_output_dir, require_finite
 from models import CheckpointMismatchError
@@ -321,14 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", nargs="?", const="on", choices=("auto", "on", "off", "bf16", "fp16"),
                    help="autocast: auto (off on CPU; on CUDA bf16 only for the archs where it was measured "
                         "faster than fp32, see experiment/acceleration.py), on (=bf16; the bare flag), off, bf16, fp16")
-    p.add_argument("--scales", help="HMS: its attention scales, e.g. 0.25,0.5,1.0,2.0; other archs: scales "
-                   "whose logits are averaged, e.g. 0.75,1.0,1.25")
-    p.add_argument("--sliding_window", type=str2bool, nargs="?", const=True, default=None,
-                   help="average the logits of overlapping --window_size crops (val.sliding_window)")
-    p.add_argument("--window_size", help="sliding-window crop H,W (default 1024,1024)")
-    p.add_argument("--window_stride", help="sliding-window stride H,W (default 768,768)")
-    p.add_argument("--flip", type=str2bool, nargs="?", const=True, default=None,
-                   help="average with the horizontally flipped image's prediction (val.flip)")
+    add_inference_arguments(p)
     p.add_argument("--dump_predictions", type=str2bool, nargs="?", const=True, default=None,
                    help="write colour, labelIds and edge PNGs under OUTPUT_DIR/predictions")
     p.add_argument("--inverseform_path", help="regressor for the validation loss's InverseForm term")
@@ -350,12 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    if args.scales is not None:
-        args.scales = "[" + str(args.scales) + "]"
-    for flag in ("window_size", "window_stride"):  # "H,W", or one number for a square
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(args, flag, "[" + (value if "," in str(value) else f"{value},{value}") + "]")
+    normalise_inference_flags(args)
     if args.amp == "on":
         args.amp = "bf16"
     if args.fp16 is not None and args.amp is None:  # the reference's --fp16 flag
@@ -363,10 +352,9 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     overrides = flag_overrides(args, {
         **SHARED_FLAGS, "arch": "model.arch", "hrnet_base": "model.hrnet_base", "has_edge": "model.has_edge",
         "batch_size": "val.batch_size", "num_workers": "val.num_workers", "amp": "val.amp",
-        "scales": "model.eval_scales", "dump_predictions": "val.dump_predictions",
+        "dump_predictions": "val.dump_predictions",
         "inverseform_path": "loss.inverseform_path", "boundary_tolerance": "val.boundary_tolerance",
-        "max_images": "val.max_images", "sliding_window": "val.sliding_window", "window_size": "val.window_size",
-        "window_stride": "val.window_stride", "flip": "val.flip", "compile": "val.compile"})
+        "max_images": "val.max_images", "compile": "val.compile", **INFERENCE_FLAGS})
     if getattr(args, "output_dir", None) is None:  # never the training run's output_dir of a --config file
         stem = os.path.splitext(os.path.basename(args.model_path or ""))[0] or "model"
         overrides.append(f"output_dir={os.path.join('runs', 'validation', stem)}")
