@@ -86,23 +86,25 @@ _LUT8_INVALID = (~_LUT16_VALID[:256]).astype(np.uint8)
 # ----------------------------------------------------------------------------------------
 # File reading with errors that name the file
 # ----------------------------------------------------------------------------------------
+def imread_or_raise(path, flags, kind="image"):
+    """cv2.imread that raises naming the file (and ``kind``: image, label) when it is missing or
+    undecodable, instead of returning None."""
+    array = cv2.imread(path, flags)
+    if array is None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{kind} file not found: {path}")
+        raise OSError(f"cannot read {kind} file {path}: unreadable, truncated or not an image")
+    return array
+
+
 def read_image(path):
     """H x W x 3 uint8 RGB; raises naming the file when it is missing or undecodable."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image file not found: {path}")
-        raise OSError(f"cannot read image file {path}: unreadable, truncated or not an image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(imread_or_raise(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
 def read_label_ids(path):
     """H x W label-id array (uint8 or uint16) of a *_gtFine_labelIds.png."""
-    label = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if label is None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"label file not found: {path}")
-        raise OSError(f"cannot read label file {path}: unreadable, truncated or not an image")
+    label = imread_or_raise(path, cv2.IMREAD_UNCHANGED, "label")
     if label.ndim != 2:
         raise ValueError(f"label file {path} has {label.shape[2]} channels; expected a single-channel "
                          f"*_gtFine_labelIds.png (not the colour visualisation)")

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from .cityscapes import read_image
+from .cityscapes import imread_or_raise, read_image
 from .transforms import ValTransform
 
 __all__ = ["VOC_CLASSES", "VOC_NUM_CLASSES", "VOCSegmentation", "voc_colormap"]
@@ -43,11 +43,7 @@ def voc_colormap(n=256):
 
 def read_voc_label(path):
     """H x W uint8 class indices (255 = void/unlabeled) of a VOC label PNG."""
-    label = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if label is None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"label file not found: {path}")
-        raise OSError(f"cannot read label file {path}: unreadable, truncated or not an image")
+    label = imread_or_raise(path, cv2.IMREAD_UNCHANGED, "label")
     if label.ndim == 3:  # a palette PNG decoded to colours: map them back
         rgb = cv2.cvtColor(label[:, :, :3], cv2.COLOR_BGR2RGB).astype(np.int32)
         codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]

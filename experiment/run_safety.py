@@ -7,9 +7,11 @@ and the standard library only.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -229,6 +231,20 @@ def ignore_stop_signals(worker_id: int) -> None:
     for name in StopSignal.SIGNALS:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _kill_daemonic_children() -> None:
+    """At interpreter exit.  DataLoader workers ignore SIGTERM (above), so multiprocessing's own
+    exit handler, which terminates daemonic children with SIGTERM and then joins them, would wait
+    forever for a worker a loader never shut down: kill them first (they hold nothing to save)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+# atexit runs handlers last-registered first: this runs before multiprocessing's (registered when
+# torch imported it).
+atexit.register(_kill_daemonic_children)
 
 
 def state_is_finite_everywhere(tensors: Mapping[str, Any], device: torch.device) -> Optional[str]:

@@ -168,21 +168,17 @@ def test_evaluate_batched_device_metrics_equal_the_numpy_oracle(tiny_cityscapes)
 
 
 @pytest.mark.slow  # ~90 s on 2 CPU cores: dynamo traces HRNet-16 for training and for evaluation
-def test_training_with_compile_saves_plain_checkpoints(tiny_cityscapes, tmp_path, monkeypatch):
+def test_training_with_compile_saves_plain_checkpoints(tiny_cityscapes, regressor, tmp_path, monkeypatch):
     """train.compile (the cheap 'eager' backend here; inductor on a GPU) trains, validates and
     writes checkpoints that load into a plain model, with no `_orig_mod.` keys."""
     from test_experiment_train import config, overrides  # noqa: F401  (same small run as the train tests)
     from experiment.engine import load_training_checkpoint
     from experiment.train import train
-    from inverseform import InverseNet, save_regressor
     from utils import dist
 
     for key in dist.ENV_KEYS:
         monkeypatch.delenv(key, raising=False)
     ctx = dist.init_distributed("cpu")
-    torch.manual_seed(0)
-    regressor = tmp_path / "regressor.pth"
-    save_regressor(InverseNet(tile_size=32, num_params=4, hidden=(64, 16)), regressor, {"dataset": "test"})
     cfg = config(tiny_cityscapes, tmp_path / "run", regressor, **{"train.compile": "eager", "train.max_iters": 3,
                                                                    "train.val_interval": 0})
     metrics, net = train(cfg, ctx)
@@ -238,20 +234,17 @@ def test_hms_multi_scale_eval_compiles_as_one_graph():
 
 
 @pytest.mark.slow  # three short training runs: minutes on 2 CPU cores
-def test_resume_with_persistent_workers_matches_an_in_process_run(tiny_cityscapes, tmp_path, monkeypatch):
+def test_resume_with_persistent_workers_matches_an_in_process_run(tiny_cityscapes, regressor, tmp_path,
+                                                                   monkeypatch):
     """Persistent loader workers (2) stopped mid-epoch and resumed give bit-identical weights to an
     uninterrupted run without workers, with class-uniform lists that change every epoch."""
     from test_experiment_train import config
     from experiment.train import train
-    from inverseform import InverseNet, save_regressor
     from utils import dist
 
     for key in dist.ENV_KEYS:
         monkeypatch.delenv(key, raising=False)
     ctx = dist.init_distributed("cpu")
-    torch.manual_seed(0)
-    regressor = tmp_path / "regressor.pth"
-    save_regressor(InverseNet(tile_size=32, num_params=4, hidden=(64, 16)), regressor, {"dataset": "test"})
     # a copy: class-uniform sampling writes its centroid cache into the dataset root
     tiny_cityscapes = shutil.copytree(tiny_cityscapes, tmp_path / "cityscapes")
     common = {"data.class_uniform_fraction": 0.5, "train.val_interval": 0, "train.max_iters": 7}
