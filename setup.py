@@ -45,6 +45,7 @@ CONSOLE_SCRIPTS = [
     "inverseform-train = inverseform_seg.cli:train",
     "inverseform-train-regressor = inverseform_seg.cli:train_regressor",
     "inverseform-infer = inverseform_seg.cli:infer",
+    "inverseform-ablation = inverseform_seg.cli:ablation",
 ]
 
 setup(

@@ -2,14 +2,25 @@
 chosen device vs scipy's ``griddata(method="linear")`` (the reference's un-sampler) on the same
 points and values, with the share of pixels whose argmax agrees.
 
-    python benchmarks/bench_nus.py [--device cuda] [--repeats 5] [--griddata-repeats 1]
+    OMP_NUM_THREADS=1 python benchmarks/bench_nus.py [--device cuda] [--repeats 5] [--griddata-repeats 3]
+                                                     [--profile]
 
 The sample grid is a learned-looking one: the regularised targets of a synthetic Cityscapes
 label map (datasets.nus_targets), resized to 192 x 192; logits are a noisy one-hot of the
 label sampled there (so the argmax comparison looks at real class boundaries).
+
+Memory pages matter on a CPU: the 80 MB float32 output is fresh memory every call, and on a
+virtual machine touching it page by page (4 KiB) can cost more than computing it.  numpy (hence
+griddata) asks the kernel for transparent huge pages by default; PyTorch does when
+``THP_MEM_ALLOC_ENABLE=1`` is set before it starts.  On a CPU the un-sampler is therefore timed
+twice, in two child processes: with PyTorch's default pages and with huge pages.  Threads: both
+sides use what ``OMP_NUM_THREADS`` allows (scipy's griddata is single-threaded anyway).
+``--profile`` adds the split of one call (triangulate, rasterise, planes, interpolate).
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -18,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.interpolate import griddata
 
 from datasets.labels import labelid_to_trainid
 from datasets.nus_targets import target_locations
@@ -38,17 +48,11 @@ def make_case(size: int, grid: int, classes: int, seed: int = 0):
     return label, locations, logits
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--grid", type=int, default=192)
-    parser.add_argument("--classes", type=int, default=19)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--griddata-repeats", type=int, default=1)
-    args = parser.parse_args()
+def time_unsample(args, profile: bool = False):
+    """Median seconds of ``unsample`` over ``args.repeats`` calls after one warm-up, and the
+    output of the last call; with ``profile``, the split of one more call (ms per step)."""
     device = torch.device(args.device)
-    label, locations, logits = make_case(args.size, args.grid, args.classes)
+    _, locations, logits = make_case(args.size, args.grid, args.classes)
     loc_d, logits_d = locations.to(device), logits.to(device)
 
     def sync():
@@ -63,8 +67,56 @@ def main() -> None:
         out = unsample(logits_d, loc_d, (args.size, args.size))
         sync()
         times.append(time.perf_counter() - t0)
-    ours = float(np.median(times))
+    split = {}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            unsample(logits_d, loc_d, (args.size, args.size))
+            sync()
+        for event in prof.key_averages():
+            if event.key.startswith("unsample/"):
+                total = event.device_time_total if device.type == "cuda" else event.cpu_time_total
+                split[event.key] = total / 1e3
+    return float(np.median(times)), out, split
 
+
+def child_times(args, huge_pages: bool):
+    """``time_unsample`` in a fresh process with ``THP_MEM_ALLOC_ENABLE`` set or cleared."""
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1" if huge_pages else "0")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--device", args.device, "--size", str(args.size),
+           "--grid", str(args.grid), "--classes", str(args.classes), "--repeats", str(args.repeats)]
+    if args.profile:
+        cmd.append("--profile")
+    done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--grid", type=int, default=192)
+    parser.add_argument("--classes", type=int, default=19)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--griddata-repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also print the split of one call")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        seconds, _, split = time_unsample(args, args.profile)
+        print(json.dumps({"seconds": seconds, "threads": torch.get_num_threads(), "split": split}))
+        return
+
+    from scipy.interpolate import griddata
+
+    label, locations, logits = make_case(args.size, args.grid, args.classes)
+    if args.device == "cpu":
+        runs = {"PyTorch's default pages": child_times(args, False), "huge pages": child_times(args, True)}
+        out = unsample(logits, locations, (args.size, args.size))
+    else:
+        seconds, out, split = time_unsample(args, args.profile)
+        runs = {args.device: {"seconds": seconds, "threads": torch.get_num_threads(), "split": split}}
     points = locations[0].double().numpy().reshape(-1, 2) * (args.size - 1)
     values = logits[0].permute(1, 2, 0).reshape(-1, args.classes).numpy()
     pixels = np.stack(np.mgrid[:args.size, :args.size], -1).reshape(-1, 2)
@@ -77,12 +129,18 @@ def main() -> None:
     ref = ref.reshape(args.size, args.size, args.classes)
     valid = ~np.isnan(ref).any(-1)
     agree = (out[0].argmax(0).cpu().numpy() == ref.argmax(-1))[valid].mean()
+    threads = next(iter(runs.values()))["threads"]
     print(f"un-sampling {args.grid} x {args.grid} x {args.classes} logits to {args.size} x {args.size} "
-          f"(torch {torch.__version__}, {device}, {torch.get_num_threads()} threads)")
-    print(f"  models.nus.unsample          {ours * 1e3:9.1f} ms per image (median of {args.repeats})")
-    print(f"  scipy griddata (linear)      {theirs * 1e3:9.1f} ms per image (median of {args.griddata_repeats}, CPU)")
-    print(f"  speed-up                     {theirs / ours:9.1f} x")
-    print(f"  argmax agreement             {100 * agree:9.3f} % of {int(valid.sum())} pixels "
+          f"(torch {torch.__version__} on {args.device} with {threads} thread{'s' if threads > 1 else ''}; "
+          f"scipy griddata single-threaded)")
+    for name, run in runs.items():
+        print(f"  models.nus.unsample, {name:<24} {run['seconds'] * 1e3:8.1f} ms per image (median of "
+              f"{args.repeats})   {theirs / run['seconds']:5.1f} x faster than griddata")
+        if run["split"]:
+            print("      " + ", ".join(f"{k.split('/')[1]} {v:.1f} ms" for k, v in run["split"].items()))
+    print(f"  scipy griddata (linear, CPU){'':<19} {theirs * 1e3:8.1f} ms per image (median of "
+          f"{args.griddata_repeats})")
+    print(f"  argmax agreement {100 * agree:.3f} % of {int(valid.sum())} pixels "
           f"({int((~valid).sum())} outside griddata's hull)")
 
 

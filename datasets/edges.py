@@ -86,13 +86,18 @@ def _to_keys(trainid_mask):
     return np.where(inside, arr, 0).astype(np.uint8)
 
 
-def edge_target(trainid_mask, radius=2):
+def edge_target(trainid_mask, radius=2, image_border=True):
     """Binary boundary map of a train-id label map, exactly as the reference defines it.
 
     Args:
         trainid_mask: H x W integer array of train ids (uint8 preferred; 255 = ignore).
         radius: distance (pixels, Euclidean) from a class boundary within which a pixel
             counts as edge; the reference uses 2.
+        image_border: True (the reference): the image border is a boundary of every class
+            1..18 that touches it, so a training crop's border becomes an edge wherever such a
+            class touches it - a line the edge head learns to draw from the zero padding of
+            its convolutions, not from the scene.  False: only boundaries between labels
+            inside the map (pixels outside take the label of the nearest pixel inside).
 
     Returns:
         H x W uint8 array of 0/1.
@@ -105,14 +110,17 @@ def edge_target(trainid_mask, radius=2):
         return np.zeros((height, width), dtype=np.uint8)
 
     kernel = _disk_kernel(float(radius))
-    # Out-of-image neighbours count as key 0 ("no class"), matching the zero padding.
-    hi = cv2.dilate(keys, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    lo = cv2.erode(keys, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    if image_border:  # out-of-image neighbours count as key 0 ("no class"), matching the zero padding
+        border = dict(borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    else:  # a replicated pixel is never further than the in-image pixel it copies: no new edges
+        border = dict(borderType=cv2.BORDER_REPLICATE)
+    hi = cv2.dilate(keys, kernel, **border)
+    lo = cv2.erode(keys, kernel, **border)
     edges = (hi != keys)
     edges |= (lo != keys)
     edges = edges.view(np.uint8)
 
-    if radius * radius >= 5:  # only then can the absent-class quirk reach a pixel
+    if image_border and radius * radius >= 5:  # only then can the absent-class quirk reach a pixel
         present = np.bincount(keys.ravel(), minlength=_NUM_EDGE_CLASSES + 1)[1:] > 0
         if not present.all():
             pattern = _absent_class_pattern(float(radius), height, width)

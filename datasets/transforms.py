@@ -55,13 +55,13 @@ def _check_image(image, label):
             raise ValueError(f"image {image.shape[:2]} and label {label.shape} sizes differ")
 
 
-def _finish(image, label, mean, std, edge_radius, ignore_index):
+def _finish(image, label, mean, std, edge_radius, ignore_index, edge_image_border=True):
     """Normalise and convert; a missing label becomes all-ignore with no edges."""
     if label is None:
         label = np.full(image.shape[:2], ignore_index, dtype=np.uint8)
         edge = np.zeros(image.shape[:2], dtype=np.uint8)
     else:
-        edge = edge_target(label, edge_radius)
+        edge = edge_target(label, edge_radius, image_border=edge_image_border)
     return {
         "image": normalize_image(image, mean, std),
         "label": torch.from_numpy(label.astype(np.int64)),
@@ -73,15 +73,17 @@ class ValTransform:
     """Validation/test: no geometry, only normalisation, at full resolution."""
 
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, edge_radius=2, ignore_index=IGNORE_INDEX,
-                 with_roi=False):
+                 with_roi=False, edge_image_border=True):
         self.mean, self.std = tuple(mean), tuple(std)
         self.edge_radius = edge_radius
+        self.edge_image_border = edge_image_border
         self.ignore_index = ignore_index
         self.with_roi = with_roi
 
     def __call__(self, image, label, rng=None, center=None):
         _check_image(image, label)
-        sample = _finish(image, label, self.mean, self.std, self.edge_radius, self.ignore_index)
+        sample = _finish(image, label, self.mean, self.std, self.edge_radius, self.ignore_index,
+                         self.edge_image_border)
         if self.with_roi:
             sample["roi"] = torch.ones(image.shape[:2], dtype=torch.float32)
         return sample
@@ -108,6 +110,8 @@ class TrainTransform:
             in fractions of the hue circle), applied in a random order.
         blur_prob: probability of a Gaussian blur with sigma in [0.15, 1.3].
         edge_radius: radius of the edge target (see :func:`datasets.edges.edge_target`).
+        edge_image_border: whether the crop's border is an edge where a class touches it
+            (the reference's definition; see :func:`datasets.edges.edge_target`).
 
     With ``center=(x, y)`` (a source pixel) the crop is placed at a random position that
     contains that pixel - as HMS's class-uniform crops do - and the warp maps the pixel
@@ -117,7 +121,7 @@ class TrainTransform:
 
     def __init__(self, crop_size=(1024, 1024), scale_range=(0.5, 2.0), flip=True, color_jitter=None,
                  blur_prob=0.0, ignore_index=IGNORE_INDEX, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 edge_radius=2, with_roi=False):
+                 edge_radius=2, with_roi=False, edge_image_border=True):
         if crop_size is not None:
             if isinstance(crop_size, int):
                 crop_size = (crop_size, crop_size)
@@ -146,6 +150,7 @@ class TrainTransform:
         self.ignore_index = ignore_index
         self.mean, self.std = tuple(mean), tuple(std)
         self.edge_radius = edge_radius
+        self.edge_image_border = edge_image_border
         self.with_roi = with_roi
         self._pad_color = tuple(float(round(255.0 * m)) for m in self.mean)
 
@@ -214,7 +219,7 @@ class TrainTransform:
             raise ValueError(f"TrainTransform.label_crop: label must be an H x W uint8 array, got "
                              f"{None if label is None else (label.shape, label.dtype)}")
         _, label, _ = self._geometry(None, label, rng, center)
-        return label, edge_target(label, self.edge_radius)
+        return label, edge_target(label, self.edge_radius, image_border=self.edge_image_border)
 
     # -- photometric ----------------------------------------------------------------------
     def _jitter(self, image, rng):
@@ -254,7 +259,8 @@ class TrainTransform:
             image = self._jitter(image, rng)
         if self.blur_prob > 0 and rng.random() < self.blur_prob:
             image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.15, 1.3))
-        sample = _finish(image, label, self.mean, self.std, self.edge_radius, self.ignore_index)
+        sample = _finish(image, label, self.mean, self.std, self.edge_radius, self.ignore_index,
+                         self.edge_image_border)
         if roi is not None:
             sample["roi"] = torch.from_numpy(roi).to(torch.float32)
         return sample

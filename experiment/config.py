@@ -66,6 +66,9 @@ class DataConfig:
     blur_prob: float = 0.0           # probability of a Gaussian blur of the image
     class_uniform_fraction: float = 0.5
     edge_radius: int = 2
+    # Whether the image (crop) border is an edge of the classes touching it, as the reference's
+    # edge targets have it; false keeps only boundaries between labels (README, issue 17).
+    edge_image_border: bool = True
     num_workers: int = 4
 
     def validate(self) -> None:
@@ -109,6 +112,10 @@ class LossConfig:
     aux_weight: float = 0.4        # OCR/aux-head outputs add this times the same joint loss
     mscale_weight: float = 0.05    # HMS: extra supervision of each scale's own prediction
     attention_threshold: float = 0.8
+    # mean (the reference): balanced BCE and InverseForm averaged over a process's batch while the
+    # cross-entropies are summed over its images, so the edge terms weigh 1/N as much with N images
+    # per process; sum: both multiplied by N, the same balance at any batch (README, issue 17).
+    edge_reduction: str = "mean"
     # The frozen InverseForm regressor.  Missing file: the term is left out (with a notice),
     # unless `regressor_config` is set, in which case a regressor is trained first.
     inverseform_path: Optional[str] = path_field("checkpoints/distance_measures_regressor.pth")
@@ -127,6 +134,8 @@ class LossConfig:
     densecrf_kernel: str = "permutohedral"   # or "exact" (dense Gaussian, small images; see rloss/filter.py)
 
     def validate(self) -> None:
+        _check(self.edge_reduction in ("mean", "sum"),
+               f"config key 'loss.edge_reduction' must be mean or sum, got {self.edge_reduction!r}")
         _check(self.densecrf_weight >= 0, f"config key 'loss.densecrf_weight' must be >= 0, got {self.densecrf_weight}")
         _check(self.densecrf_sigma_rgb > 0 and self.densecrf_sigma_xy > 0 and 0 < self.densecrf_scale <= 1,
                "config keys 'loss.densecrf_sigma_rgb', 'loss.densecrf_sigma_xy' must be > 0 and 'loss.densecrf_scale' "
@@ -297,6 +306,33 @@ class WeakConfig:
                f"config key 'weak.cpu_threads' must be >= 1 or null, got {self.cpu_threads}")
 
 
+ABLATION_VARIANTS = ("ce", "joint", "inverseform", "geodesic")
+
+
+@dataclasses.dataclass
+class AblationConfig:
+    """experiment/ablation.py: which objectives (ce: CE alone; joint: + balanced BCE + edge
+    attention; inverseform: joint + the Euclidean InverseForm term; geodesic: joint + the
+    geodesic one) and which seeds; every (variant, seed) run uses the rest of the config."""
+    variants: List[str] = dataclasses.field(default_factory=lambda: list(ABLATION_VARIANTS))
+    seeds: List[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    figure_images: int = 3           # validation images in the side-by-side figure
+    processes: int = 1               # runs trained at once as child processes (single-process runs only)
+    cpu_threads: Optional[int] = None  # threads per run on a CPU (as weak.cpu_threads)
+
+    def validate(self) -> None:
+        unknown = [v for v in self.variants if v not in ABLATION_VARIANTS]
+        _check(bool(self.variants) and not unknown and len(set(self.variants)) == len(self.variants),
+               f"config key 'ablation.variants' must list distinct names among {', '.join(ABLATION_VARIANTS)}, "
+               f"got {self.variants}")
+        _check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
+               f"config key 'ablation.seeds' must list distinct seeds, got {self.seeds}")
+        _check(self.figure_images >= 0, f"config key 'ablation.figure_images' must be >= 0, got {self.figure_images}")
+        _check(self.processes >= 1, f"config key 'ablation.processes' must be >= 1, got {self.processes}")
+        _check(self.cpu_threads is None or self.cpu_threads >= 1,
+               f"config key 'ablation.cpu_threads' must be >= 1 or null, got {self.cpu_threads}")
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
     output_dir: str = path_field("runs/default")
@@ -311,6 +347,7 @@ class ExperimentConfig:
     cuda_overrides: List[str] = dataclasses.field(default_factory=list)
     nus: NUSConfig = dataclasses.field(default_factory=NUSConfig)
     weak: WeakConfig = dataclasses.field(default_factory=WeakConfig)
+    ablation: AblationConfig = dataclasses.field(default_factory=AblationConfig)
 
 
 # ----------------------------------------------------------------------------- regressor training

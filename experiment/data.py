@@ -48,7 +48,7 @@ def color_jitter(strength: float) -> Optional[dict]:
 def train_dataset(cfg: DataConfig, root: str, seed: int) -> Cityscapes:
     transform = TrainTransform(crop_size=cfg.crop_size, scale_range=cfg.scale_range, flip=cfg.flip,
                                color_jitter=color_jitter(cfg.color_jitter), blur_prob=cfg.blur_prob,
-                               edge_radius=cfg.edge_radius)
+                               edge_radius=cfg.edge_radius, edge_image_border=cfg.edge_image_border)
     return _build(root, cfg.train_split, transform, cfg, seed)
 
 
@@ -64,7 +64,8 @@ def _build(root: str, split: str, transform, cfg: DataConfig, seed: int) -> City
 def val_dataset(cfg: DataConfig, root: str, split: Optional[str] = None, max_images: Optional[int] = None):
     """Full-resolution images of ``split`` (default ``data.val_split``), optionally only the first N."""
     split = split or cfg.val_split
-    dataset = Cityscapes(root, split, transform=ValTransform(edge_radius=cfg.edge_radius),
+    dataset = Cityscapes(root, split, transform=ValTransform(edge_radius=cfg.edge_radius,
+                                                             edge_image_border=cfg.edge_image_border),
                          edge_radius=cfg.edge_radius)
     if len(dataset) == 0:
         raise UserError(f"split {split!r} of {root} holds no images")

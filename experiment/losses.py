@@ -41,7 +41,7 @@ def joint_loss(cfg: LossConfig, num_classes: int, inverseform: Optional[InverseF
     return JointEdgeSegLoss(num_classes=num_classes, ignore_index=255, seg_weight=cfg.seg_weight,
                             edge_weight=cfg.edge_weight, att_weight=cfg.att_weight, inv_weight=cfg.inv_weight,
                             inverseform=inverseform, attention_threshold=cfg.attention_threshold,
-                            check_inputs=False)
+                            check_inputs=False, edge_reduction=cfg.edge_reduction)
 
 
 class SegmentationObjective(nn.Module):

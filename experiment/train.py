@@ -79,7 +79,8 @@ def regressor_config_for(cfg: ExperimentConfig) -> RegressorConfig:
     the regressor config's own default, relative to the current directory) and device."""
     synthetic = ", ".join(f"{k}: {v}" for k, v in config_to_dict(cfg.data.synthetic).items())
     overrides = [f"output_path={cfg.loss.inverseform_path}", f"train.device={cfg.train.device}",
-                 f"data.synthetic_dir={cfg.data.synthetic_dir}", f"data.synthetic={{{synthetic}}}"]
+                 f"data.synthetic_dir={cfg.data.synthetic_dir}", f"data.synthetic={{{synthetic}}}",
+                 f"data.edge_image_border={cfg.data.edge_image_border}"]  # tiles of the targets it will compare
     if cfg.data.dataset_dir:
         overrides.append(f"data.dataset_dir={cfg.data.dataset_dir}")
     return load_config_for_device(RegressorConfig, [cfg.loss.regressor_config], overrides)
@@ -276,6 +277,7 @@ def _train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: Union[bool, str
     model.train()
     sums: Dict[str, torch.Tensor] = {}
     seen, t0, epoch, iteration = 0, time.time(), start // per_epoch, start
+    loop_started = time.time()
     last_epoch_checkpointed = epoch
     for epoch, iteration, batch in batch_stream(loader, start, stop_at):
         if epoch != last_epoch_checkpointed:  # an epoch just ended
@@ -330,6 +332,7 @@ def _train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: Union[bool, str
         bar.update(1)
     bar.close()
     finished = iteration + 1 if stop_at > start else start
+    loop_seconds = time.time() - loop_started
     checkpoint(last_path, finished, finished // per_epoch)
     if finished < total:
         log.info("stopped after iteration %d of %d; continue with --resume", finished, total)
@@ -337,6 +340,8 @@ def _train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: Union[bool, str
         return {}, net
 
     metrics = validate_now(total, math.ceil(total / per_epoch), final=True)
+    if finished > start:  # the training loop's wall time per step (epoch-end checkpoints included)
+        metrics["train_seconds_per_iteration"] = loop_seconds / (finished - start)
     if ctx.is_main:
         metrics_path = write_metrics(metrics, writer, cfg.output_dir, total)
         print(metrics_table(metrics))

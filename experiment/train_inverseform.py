@@ -117,7 +117,7 @@ def collate_tiles(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tenso
 
 def tile_dataset(cfg: RegressorConfig, root: str, split: str, seed: int) -> EdgeTiles:
     transform = TrainTransform(crop_size=cfg.data.crop_size, scale_range=cfg.data.scale_range, flip=cfg.data.flip,
-                               edge_radius=cfg.data.edge_radius)
+                               edge_radius=cfg.data.edge_radius, edge_image_border=cfg.data.edge_image_border)
     labels = Cityscapes(root, split, edge_radius=cfg.data.edge_radius, progress=False)
     if len(labels) == 0:
         raise UserError(f"split {split!r} of {root} holds no images")
@@ -356,7 +356,7 @@ def train_regressor(cfg: RegressorConfig, ctx: dist.DistContext, resume: bool = 
         metadata = {
             "dataset": root, "synthetic_dataset": synthetic, "steps": total,
             "crop_size": list(cfg.data.crop_size), "tile_factor": cfg.tiles.tile_factor,
-            "ranges": ranges, "identity_fraction": cfg.tiles.identity_fraction,
+            "edge_image_border": cfg.data.edge_image_border, "ranges": ranges, "identity_fraction": cfg.tiles.identity_fraction,
             "min_edge_fraction": cfg.tiles.min_edge_fraction,
             "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "report": {k: report[k] for k in ("identity_mean_distance", "transformed_mean_distance", "spearman")},

@@ -59,8 +59,9 @@ from models import get_net, load_checkpoint
 from utils import dist
 from utils.config import parse_override, read_yaml, save_config
 from utils.io import atomic_write_json
-from utils.metrics import (boundary_accuracy_batch, boundary_f_counts_batch, boundary_f_from_counts,
-                           confusion_matrix, format_table, majority_class_confusion, scores_from_confusion)
+from utils.metrics import (EDGE_LEVELS, boundary_accuracy_batch, boundary_f_counts_batch, boundary_f_from_counts,
+                           confusion_matrix, edge_f_counts_batch, edge_f_from_counts, format_table,
+                           majority_class_confusion, scores_from_confusion)
 
 log = logging.getLogger("experiment.validation")
 
@@ -199,6 +200,7 @@ def evaluate(net: torch.nn.Module, loader, device: torch.device, *, num_classes:
     # [images, mBA sum, mBA count]
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     boundary = torch.zeros(num_classes, 4, dtype=torch.int64, device=device)
+    edge_counts = torch.zeros(EDGE_LEVELS - 1, 4, dtype=torch.int64, device=device)
     logged = 0
     if pad_to_batch is None:
         pad_to_batch = is_compiled(net)
@@ -235,6 +237,9 @@ def evaluate(net: torch.nn.Module, loader, device: torch.device, *, num_classes:
         counts[1] += mba.nan_to_num(0.0).sum()
         counts[2] += (~mba.isnan()).sum()
         boundary += boundary_f_counts_batch(pred, labels, num_classes, boundary_tolerance)
+        if edge_prob is not None and "edge" in batch:  # the edge head against the edge targets
+            edge_counts += edge_f_counts_batch(edge_prob[:, 0], batch["edge"].to(device, non_blocking=True)[:, 0],
+                                               tolerance=boundary_tolerance)
         n_log = min(pred.shape[0], num_images_logged - logged) if writer is not None else 0
         if jobs is not None and (dumper is not None or n_log > 0):
             keep = pred.shape[0] if dumper is not None else n_log  # only what is written leaves the device
@@ -259,6 +264,7 @@ def evaluate(net: torch.nn.Module, loader, device: torch.device, *, num_classes:
     dist.all_reduce(present, op="max")
     counts = dist.all_reduce(counts).cpu()
     boundary_t = dist.all_reduce(boundary).cpu().numpy()
+    edge_t = dist.all_reduce(edge_counts).cpu().numpy()
     conf_np = conf.cpu().numpy()
     metrics: Dict[str, Any] = {"num_images": int(counts[0])}
     metrics.update(scores_from_confusion(conf_np))
@@ -266,6 +272,8 @@ def evaluate(net: torch.nn.Module, loader, device: torch.device, *, num_classes:
     metrics["mba"] = float(counts[1] / counts[2]) if counts[2] > 0 else float("nan")
     metrics.update(boundary_f_from_counts(boundary_t))
     metrics["boundary_tolerance"] = boundary_tolerance
+    if edge_t[:, 3].any():  # an edge head, evaluated against the edge targets
+        metrics.update(edge_f_from_counts(edge_t))
     if criterion is not None and counts[0] > 0:
         sums = (loss_sums.cpu() / counts[0]).tolist()
         metrics["val_loss"] = sums[0]
@@ -281,6 +289,8 @@ def metrics_table(metrics: Dict[str, Any]) -> str:
                "mBA": metrics["mba"], f"boundary F (tol {metrics['boundary_tolerance']}px)": metrics["boundary_f"]}
     if "majority_class_miou" in metrics:
         summary["majority-class mIoU"] = metrics["majority_class_miou"]
+    if "edge_f" in metrics:
+        summary[f"edge F (ODS, t={metrics['edge_f_threshold']:.2f})"] = metrics["edge_f"]
     text = format_table(metrics["class_names"], metrics["per_class_iou"], summary,
                         {"boundary F": metrics["per_class_boundary_f"]})
     if "val_loss" in metrics:
@@ -291,7 +301,7 @@ def metrics_table(metrics: Dict[str, Any]) -> str:
 
 def write_metrics(metrics: Dict[str, Any], writer: Rank0Writer, output_dir: str, step: int, prefix: str = "val",
                   filename: str = "metrics.json") -> str:
-    for key in ("miou", "pixel_acc", "mean_class_acc", "fwiou", "mba", "boundary_f", "val_loss"):
+    for key in ("miou", "pixel_acc", "mean_class_acc", "fwiou", "mba", "boundary_f", "edge_f", "val_loss"):
         value = metrics.get(key)
         if value is not None and math.isfinite(value):
             writer.add_scalar(f"{prefix}/{key}", value, step)

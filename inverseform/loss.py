@@ -407,14 +407,24 @@ class JointEdgeSegLoss(nn.Module):
     one log-softmax pass. ``attention_threshold`` applies to ``edge_logits`` as given (the
     reference thresholds the edge output it receives). ``check_inputs`` verifies finite
     logits and valid labels at the cost of one host sync per call; shapes are always checked.
+
+    ``edge_reduction``: the two cross-entropy terms are SUMMED over the batch's images (the
+    reference's), the balanced BCE and InverseForm terms are averaged over the batch ("mean",
+    the reference's), so the weight of the edge terms relative to the segmentation shrinks as
+    1 / N with the batch size N (the reference's recipes put one to three images on a GPU).
+    "sum" multiplies those two terms by N, so that every term counts per image and the balance
+    does not depend on the batch size; ``parts`` still report them averaged.
     """
 
     def __init__(self, num_classes: int = 19, ignore_index: int = 255, seg_weight: float = 1.0,
                  edge_weight: float = 0.3, att_weight: float = 0.1, inv_weight: float = 0.3,
                  inverseform: Optional[Union[InverseFormLoss, InverseNet, PathLike]] = None,
                  attention_threshold: float = 0.8, check_inputs: bool = True,
-                 per_image_weights: bool = True):
+                 per_image_weights: bool = True, edge_reduction: str = "mean"):
         super().__init__()
+        if edge_reduction not in ("mean", "sum"):
+            raise ValueError(f"JointEdgeSegLoss: edge_reduction must be 'mean' or 'sum', got {edge_reduction!r}")
+        self.edge_reduction = edge_reduction
         if inverseform is not None and not isinstance(inverseform, InverseFormLoss):
             inverseform = InverseFormLoss(inverseform)
         self.num_classes = num_classes
@@ -465,9 +475,10 @@ class JointEdgeSegLoss(nn.Module):
                 att_target = torch.where(attention, t, torch.full_like(t, self.ignore_index))
                 edge_att = _weighted_nll_sum(nll, att_target, valid & attention, c, self.per_image_weights)
                 parts.update(edge_bce=edge_bce, edge_att=edge_att)
-                total = total + self.edge_weight * edge_bce + self.att_weight * edge_att
+                per_batch = n if self.edge_reduction == "sum" else 1  # see the class docstring
+                total = total + per_batch * self.edge_weight * edge_bce + self.att_weight * edge_att
                 if self.inverseform is not None:
                     inv = self.inverseform._loss(edge, edge_t)
                     parts["inverseform"] = inv
-                    total = total + self.inv_weight * inv
+                    total = total + per_batch * self.inv_weight * inv
         return total, {k: v.detach() for k, v in parts.items()}

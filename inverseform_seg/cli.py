@@ -28,7 +28,12 @@ def infer() -> Optional[int]:
     return run("experiment.infer")
 
 
-SCRIPTS = {"train": train, "validate": validate, "train-regressor": train_regressor, "synthetic": synthetic, "infer": infer}
+def ablation() -> Optional[int]:
+    return run("experiment.ablation")
+
+
+SCRIPTS = {"train": train, "validate": validate, "train-regressor": train_regressor, "synthetic": synthetic, "infer": infer,
+           "ablation": ablation}
 
 
 def main(argv: Optional[list] = None) -> Optional[int]:

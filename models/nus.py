@@ -17,7 +17,9 @@ uniform grid has its corners at 0 and 1 (align-corners).
   (``mode="bilinear"`` interpolates instead).
 * :func:`unsample`: the sampled logits back to full resolution by piecewise-linear
   interpolation over the triangles of the sample grid (each cell split along its Delaunay
-  diagonal, as scipy's ``griddata(method="linear")`` triangulates), batched, on the device.
+  diagonal, as scipy's ``griddata(method="linear")`` triangulates), batched, on the device:
+  every pixel's triangle by scanline rasterisation of the grid's edges, then one weighted
+  gather of the triangle's logit planes.
 * :class:`NUSSegmenter`: any segmentation network of ``get_net`` as "sample -> segment ->
   un-sample".
 * :class:`DeepLabV3MobileNetV2`: the reference's segmentation network.
@@ -29,6 +31,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from .mobilenetv2 import MobileNetV2
 
@@ -149,32 +152,31 @@ def sample(x: torch.Tensor, locations: torch.Tensor, mode: str = "nearest") -> t
 
 
 # ----------------------------------------------------------------------------- un-sampling
-def _cell_triangles(points: torch.Tensor) -> torch.Tensor:
+def _delaunay_flip(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Per grid cell (N x (h-1) x (w-1) bool): split along the 01-10 diagonal instead of 00-11.
+    A cell is split along the diagonal that makes its two triangles Delaunay (the opposite corner
+    outside the other triangle's circumcircle), as scipy's Delaunay triangulation splits it;
+    co-circular cells (e.g. the uniform grid) keep 00-11.  ``rows``/``cols``: N x h x w, float64."""
+    dr, dc = rows[:, 1:, :-1], cols[:, 1:, :-1]  # corner 10, the origin of the in-circle test
+    ar, ac = rows[:, :-1, :-1] - dr, cols[:, :-1, :-1] - dc  # 00
+    br, bc = rows[:, :-1, 1:] - dr, cols[:, :-1, 1:] - dc  # 01
+    cr, cc = rows[:, 1:, 1:] - dr, cols[:, 1:, 1:] - dc  # 11
+    la, lb, lc = ar * ar + ac * ac, br * br + bc * bc, cr * cr + cc * cc
+    det = ar * (bc * lc - lb * cc) - ac * (br * lc - lb * cr) + la * (br * cc - bc * cr)
+    orient = (br - ar) * (cc - ac) - (bc - ac) * (cr - ar)
+    return det * orient.sign() > 1e-9 * la.clamp_min(1e-12) * lc.clamp_min(1e-12)
+
+
+def _cell_triangles(flip: torch.Tensor) -> torch.Tensor:
     """Per grid cell, its two triangles: (N*(h-1)*(w-1)) x 2 x 3 vertex indices into the
-    flattened N*h*w points (N x h x w x 2 pixel coordinates).  Each cell is split along the
-    diagonal that makes the pair Delaunay (the opposite corner outside the other triangle's
-    circumcircle), as scipy's Delaunay triangulation splits it; the first triangle of a cell
-    always holds the first corner of its diagonal's opposite pair."""
-    n, h, w, _ = points.shape
-    index = torch.arange(n * h * w, device=points.device).reshape(n, h, w)
-    i00, i01, i10, i11 = index[:, :-1, :-1], index[:, :-1, 1:], index[:, 1:, :-1], index[:, 1:, 1:]
-    p = points.double()
-    a, b, c, d = p[:, :-1, :-1], p[:, :-1, 1:], p[:, 1:, 1:], p[:, 1:, :-1]  # a cell's corners in order
-    # In-circle determinant of d w.r.t. triangle (a, b, c), sign-corrected by its orientation.
-    ad, bd, cd = a - d, b - d, c - d
-
-    def lift(v):
-        return (v ** 2).sum(-1)
-
-    det = (ad[..., 0] * (bd[..., 1] * lift(cd) - lift(bd) * cd[..., 1])
-           - ad[..., 1] * (bd[..., 0] * lift(cd) - lift(bd) * cd[..., 0])
-           + lift(ad) * (bd[..., 0] * cd[..., 1] - bd[..., 1] * cd[..., 0]))
-    orient = (b - a)[..., 0] * (c - a)[..., 1] - (b - a)[..., 1] * (c - a)[..., 0]
-    scale = lift(ad).clamp_min(1e-12) * lift(cd).clamp_min(1e-12)
-    flip = ((det * orient.sign()) > 1e-9 * scale)[..., None]  # d inside: split along b-d instead of a-c
-    t1 = torch.where(flip, torch.stack([i00, i01, i10], -1), torch.stack([i00, i01, i11], -1))
-    t2 = torch.where(flip, torch.stack([i01, i11, i10], -1), torch.stack([i00, i11, i10], -1))
-    return torch.stack([t1, t2], -2).reshape(-1, 2, 3)
+    flattened N*h*w points, triangle ``2 * cell + k``.  Unflipped cells: (00, 01, 11) and
+    (00, 11, 10); flipped: (00, 01, 10) and (01, 11, 10); the first triangle of a cell always
+    holds its top edge, the second its bottom edge."""
+    n, h1, w1 = flip.shape
+    w = w1 + 1
+    corner = torch.arange(n * (h1 + 1) * w, device=flip.device).view(n, h1 + 1, w)[:, :-1, :-1]
+    offsets = torch.tensor([[0, 1, w + 1, 0, w + 1, w], [0, 1, w, 1, w + 1, w]], device=flip.device)
+    return (offsets[flip.reshape(-1).long()] + corner.reshape(-1, 1)).view(-1, 2, 3)
 
 
 def _affine_weights(v: torch.Tensor) -> torch.Tensor:
@@ -247,6 +249,100 @@ def _rasterise(points: torch.Tensor, cells: torch.Tensor, height: int,
     return cells.reshape(-1, 3).index_select(0, triangle.index_select(0, owner)), weights
 
 
+def _plane_coefficients(rows: torch.Tensor, cols: torch.Tensor, triangles: torch.Tensor, height: int,
+                        width: int) -> Tuple[torch.Tensor, bool]:
+    """Per triangle, its barycentric weights as planes over the image: coef (3 x T x 3, float32)
+    with the weight of vertex k at pixel (r, c) equal to ``coef[0, t, k] + coef[1, t, k] * r'
+    + coef[2, t, k] * c'`` in centred coordinates (r' = r - (H - 1) / 2, c' likewise: half the
+    magnitude, so float32 keeps ~1e-5).  Degenerate (zero-area) triangles get 1/3 each.
+    Also whether the grid folds over (some triangle turned the other way round)."""
+    tri = triangles.t()  # 3 x T: vertex k of every triangle, contiguous
+    r, c = rows.reshape(-1)[tri], cols.reshape(-1)[tri]  # float64
+    e1r, e1c, e2r, e2c = r[1] - r[0], c[1] - c[0], r[2] - r[0], c[2] - c[0]
+    area = e1r * e2c - e1c * e2r  # negative for every triangle of an unfolded grid
+    folded = bool((area > 1e-9).any())
+    ok = area.abs() > 1e-9
+    inv = torch.where(ok, area, torch.ones_like(area)).reciprocal() * ok
+    e1r, e1c, e2r, e2c, inv = (v.float() for v in (e1r, e1c, e2r, e2c, inv))
+    r0, c0 = (r[0] - (height - 1) / 2).float(), (c[0] - (width - 1) / 2).float()
+    coef = torch.empty(3, 3, tri.shape[1], device=rows.device)  # (constant, r', c') x vertex k x T
+    torch.mul(e2c, inv, out=coef[1, 1])
+    torch.mul(e2r, inv, out=coef[2, 1]).neg_()
+    torch.mul(e1c, inv, out=coef[1, 2]).neg_()
+    torch.mul(e1r, inv, out=coef[2, 2])
+    torch.add(coef[1, 1], coef[1, 2], out=coef[1, 0]).neg_()
+    torch.add(coef[2, 1], coef[2, 2], out=coef[2, 0]).neg_()
+    torch.addcmul(coef[1] * r0, coef[2], c0, out=coef[0]).neg_()
+    coef[0, 0] += 1
+    coef[0] += (~ok).float() / 3
+    return coef.transpose(1, 2).contiguous(), folded
+
+
+def _pixel_triangles(rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tensor, height: int,
+                     width: int) -> torch.Tensor:
+    """Scanline rasterisation of an unfolded grid: for every output pixel (N*H*W, int32) the id
+    + 1 of the triangle that holds it, without per-pixel candidate lists.
+
+    Every grid edge is crossed by the pixel rows it spans (rows y with top <= y < bottom, the
+    last image row included, at x = its column there).  Crossing it left to right enters the
+    triangle on its right and leaves the one on its left, known from the grid's topology and
+    the edge's direction; the difference of their ids is added at pixel ``ceil(x)`` and a
+    cumulative sum along each row yields the triangle of every pixel (a pixel on an edge
+    belongs to its right side).  The top and bottom borders are never crossed, the right border
+    and whatever lies on it is never entered."""
+    n, h, w = rows.shape
+    device = rows.device
+    vid = torch.arange(n * h * w, device=device).view(n, h, w)
+    f = flip.long()
+    first = torch.arange(1, 2 * f.numel() + 1, 2, device=device).view(n, h - 1, w - 1)  # 2 * cell + 1
+    none = torch.zeros(n, h - 1, 1, dtype=torch.long, device=device)
+    corner = vid[:, :-1, :-1]
+    # Edges p -> q with the triangles (id + 1, 0 = none) on their two sides, ``plus`` the one on
+    # the right of p -> q drawn downwards in the uniform grid: inner horizontal edges (plus: the
+    # cell above), vertical edges but the right border (plus: the cell to the right), diagonals.
+    p = torch.cat([vid[:, 1:-1, :-1].reshape(-1), vid[:, :-1, :-1].reshape(-1), (corner + f).reshape(-1)])
+    q = torch.cat([vid[:, 1:-1, 1:].reshape(-1), vid[:, 1:, :-1].reshape(-1), (corner + (w + 1) - f).reshape(-1)])
+    plus = torch.cat([(first[:, :-1] + 1).reshape(-1), (first + 1 - f).reshape(-1), (first + f).reshape(-1)])
+    minus = torch.cat([first[:, 1:].reshape(-1), torch.cat([none, first[:, :, :-1] + f[:, :, :-1]], 2).reshape(-1),
+                       (first + 1 - f).reshape(-1)])
+    rflat, cflat = rows.reshape(-1), cols.reshape(-1)
+    rp, rq, cp, cq = rflat[p], rflat[q], cflat[p], cflat[q]
+    dr = rq - rp
+    down = dr > 0  # drawn upwards in the image: its sides swap
+    top, bottom = torch.where(down, rp, rq), torch.where(down, rq, rp)
+    slope = (cq - cp) / torch.where(dr == 0, torch.ones_like(dr), dr)
+    delta = torch.where(down, plus - minus, minus - plus).int()
+    first_row = torch.ceil(top)
+    end_row = torch.where(bottom >= height - 1, torch.full_like(bottom, height), torch.ceil(bottom))
+    count = ((end_row - first_row) * (dr != 0)).clamp_min_(0).long()
+    offset = torch.cumsum(count, 0)
+    total = int(offset[-1])
+    offset -= count
+    # Crossing k (k - offset[e] rows below first_row[e]) of edge e: at x = ctop + (row - top) * slope.
+    line = torch.stack([torch.where(down, cp, cq), first_row - top, slope])
+    pixel0 = ((p // (h * w)) * height + first_row.long() - offset) * width
+    edge = torch.repeat_interleave(count, output_size=total)
+    k = torch.arange(total, device=device)
+    local = (k - offset.index_select(0, edge)).double()
+    ctop, frac, slope = line.index_select(1, edge)
+    x = torch.addcmul(ctop, local.add_(frac), slope)
+    pixel = torch.add(pixel0.index_select(0, edge), k, alpha=width).add_(torch.ceil(x).clamp_(0, width - 1).long())
+    # Nothing is entered at the right border (x = W - 1: only zero-width triangles lie beyond).
+    marks = torch.zeros(n * height * width, dtype=torch.int32, device=device)
+    marks.index_add_(0, pixel, delta.index_select(0, edge) * (x < width - 1))
+    return torch.cumsum(marks.view(n * height, width), 1, dtype=torch.int32).view(-1)
+
+
+def _pixel_coordinates(n: int, height: int, width: int, device) -> torch.Tensor:
+    """(N*H*W) x 3 float32 rows (1, r', c'): the centred coordinates of every output pixel."""
+    base = torch.zeros(width, 3, device=device)
+    base[:, 0] = 1
+    base[:, 2] = torch.arange(width, device=device, dtype=torch.float32) - (width - 1) / 2
+    out = base.repeat(n * height, 1, 1)
+    out[..., 1] = (torch.arange(height, device=device, dtype=torch.float32) - (height - 1) / 2).repeat(n)[:, None]
+    return out.view(-1, 3)
+
+
 def unsample(logits: torch.Tensor, locations: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
     """Logits at sampled positions (N x C x h x w, with ``locations`` N x h x w x 2) back to
     N x C x out_size by piecewise-linear (barycentric) interpolation over the grid's triangles.
@@ -254,7 +350,13 @@ def unsample(logits: torch.Tensor, locations: torch.Tensor, out_size: Sequence[i
     Equals scipy's ``griddata(points, values, pixels, method="linear")`` with points =
     locations * (out_size - 1) wherever both triangulate a cell alike.  ``locations`` are
     snapped and clipped first (:func:`normalize_locations`), so the grid covers the whole image.
-    Differentiable w.r.t. ``logits`` (not the locations); output dtype is ``logits.dtype``.
+    Differentiable w.r.t. ``logits`` (not the locations); output dtype is ``logits.dtype``
+    (computed in float32), memory format channels-last.
+
+    How: per triangle, the logits' plane over the image (3 rows of C: constant, row, column
+    slopes; one small embedding_bag); per pixel, its triangle by scanline rasterisation
+    (:func:`_pixel_triangles`); then one embedding_bag of 3 rows weighted (1, row, col) per pixel.
+    A grid that folds over falls back to per-cell candidate pixels (:func:`_rasterise`).
     """
     if logits.dim() != 4 or locations.dim() != 4 or locations.shape[-1] != 2:
         raise ValueError(f"unsample expects logits N x C x h x w and locations N x h x w x 2, got "
@@ -264,14 +366,38 @@ def unsample(logits: torch.Tensor, locations: torch.Tensor, out_size: Sequence[i
                          f"on N or the grid size")
     height, width = int(out_size[0]), int(out_size[1])
     n, c, h, w = logits.shape
-    scale = torch.tensor([height - 1, width - 1], device=locations.device, dtype=torch.float64)
-    points = normalize_locations(locations.detach().double()) * scale
-    with torch.no_grad():
-        vertices, weights = _rasterise(points, _cell_triangles(points), height, width)
-    # One fused gather-multiply-sum (differentiable w.r.t. the table, i.e. the logits).
-    table = logits.permute(0, 2, 3, 1).reshape(n * h * w, c)
-    out = F.embedding_bag(vertices, table.float(), per_sample_weights=weights, mode="sum")
-    return out.to(logits.dtype).reshape(n, height, width, c).permute(0, 3, 1, 2)
+    if min(h, w, height, width) < 2:
+        raise ValueError(f"unsample needs a grid and an output of at least 2 x 2, got grid {h} x {w} and "
+                         f"out_size {height} x {width}")
+    table = logits.permute(0, 2, 3, 1).reshape(n * h * w, c).float()
+    with torch.no_grad(), record_function("unsample/triangulate"):
+        loc = normalize_locations(locations.detach().double())
+        rows, cols = loc[..., 0] * (height - 1), loc[..., 1] * (width - 1)
+        flip = _delaunay_flip(rows, cols)
+        triangles = _cell_triangles(flip).view(-1, 3)
+        coef, folded = _plane_coefficients(rows, cols, triangles, height, width)
+    num_tri = triangles.shape[0]
+    if not folded:
+        with torch.no_grad(), record_function("unsample/rasterise"):
+            owner = _pixel_triangles(rows, cols, flip, height, width)
+            lo, hi = torch.aminmax(owner)
+            folded = bool(lo < 1) or bool(hi > num_tri)  # a grid degenerate enough to defeat the scanlines
+    if folded:
+        with torch.no_grad(), record_function("unsample/rasterise_candidates"):
+            vertices, weights = _rasterise(torch.stack([rows, cols], -1), triangles.view(-1, 2, 3), height, width)
+        with record_function("unsample/interpolate"):
+            out = F.embedding_bag(vertices, table, per_sample_weights=weights, mode="sum")
+    else:
+        with record_function("unsample/planes"):  # row j * T + t: sum_k coef[j, t, k] * logits at vertex k of t
+            planes = F.embedding_bag(triangles.int().repeat(3, 1), table, per_sample_weights=coef.view(-1, 3),
+                                     mode="sum")
+        with record_function("unsample/interpolate"):
+            with torch.no_grad():
+                index = owner.view(-1, 1) + torch.tensor([-1, num_tri - 1, 2 * num_tri - 1], dtype=torch.int32,
+                                                         device=owner.device)
+                coords = _pixel_coordinates(n, height, width, owner.device)
+            out = F.embedding_bag(index, planes, per_sample_weights=coords, mode="sum")
+    return out.to(logits.dtype).view(n, height, width, c).permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------- wrapper

@@ -8,8 +8,9 @@ term to a loop that trains from partial labels (scribbles)::
     loss = partial_ce + densecrf(image_0_255, torch.softmax(logits, 1), roi)   # roi: 0 on padding
 
 The filter is the reference's permutohedral lattice (meng-tang/rloss, a C++ library on the
-CPU) rebuilt from tensor operations: the whole batch and all classes in one pass, on the
-input's device (CPU or GPU), with the same loss and gradient.  ``bilateral_filter`` exposes
+CPU) rebuilt from tensor operations: all classes in one pass, the whole batch at once on a GPU
+(a few images per thread on a CPU, where that stays in cache), on the input's device, with the
+same loss and gradient (to float rounding).  ``bilateral_filter`` exposes
 the filter alone (``A @ values`` for a batch); ``kernel="exact"`` is the dense Gaussian.
 """
 from .filter import KERNELS, bilateral_filter, exact_filter

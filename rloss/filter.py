@@ -14,11 +14,13 @@ y = row, RGB in [0, 255]), self term included, not normalised.  Two ways to appl
 """
 from __future__ import annotations
 
+import concurrent.futures
+
 import torch
 
 from .lattice import PermutohedralLattice, filter_shape_check, lattice_features
 
-__all__ = ["KERNELS", "bilateral_filter", "exact_filter"]
+__all__ = ["KERNELS", "bilateral_filter", "exact_filter", "lattice_filter"]
 
 KERNELS = ("permutohedral", "exact")
 
@@ -65,5 +67,51 @@ def bilateral_filter(image: torch.Tensor, values: torch.Tensor, sigma_rgb: float
         if kernel == "exact":
             out = exact_filter(features, flat)
         else:
-            out = PermutohedralLattice(features).apply(flat)
-        return out.transpose(1, 2).reshape(n, k, h, w)
+            out = lattice_filter(features, flat)
+        return out.transpose(1, 2).contiguous().view(n, k, h, w)   # NCHW: a channels-last view here made
+        # the backward of the bilinear downscale, and its copy into the leaf gradient, several times slower
+
+
+# On a CPU the lattice of a few images at a time stays in cache: 8 images of 256 x 256 filter
+# 3.6x faster one by one than all at once.  A GPU takes the whole batch in one pass.
+CPU_CHUNK_POINTS = 1 << 16
+
+
+def lattice_filter(features: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The permutohedral filter of a batch (N x P x 5 features, N x P x K values -> N x P x K).
+
+    On a GPU the whole batch at once.  On a CPU in chunks of about ``CPU_CHUNK_POINTS`` pixels
+    (the same result: images share no vertex), spread over torch's CPU threads one chunk per
+    thread and at least one chunk per thread, as the reference spreads images over OpenMP
+    threads: chunks in parallel use the cores better than each small operation does (8 images of
+    256 x 256 on 2 threads: 0.63 s against 1.25 s one chunk after another), and single-threaded
+    workers do not spin against each other on a busy machine."""
+    n, p, _ = features.shape
+    threads = torch.get_num_threads()
+    per = n if features.device.type != "cpu" else max(1, CPU_CHUNK_POINTS // max(p, 1))
+    if features.device.type == "cpu" and threads > 1:
+        per = min(per, -(-n // threads))          # at least one chunk per thread
+    if per >= n:
+        return PermutohedralLattice(features).apply(values)
+    out = torch.empty(values.shape, dtype=torch.float32, device=values.device)
+    chunks = [slice(start, start + per) for start in range(0, n, per)]
+
+    def run(chunk, single_thread=False):
+        if single_thread:   # a worker thread: one OpenMP thread for its operations (the caller's stay)
+            torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                out[chunk] = PermutohedralLattice(features[chunk]).apply(values[chunk])
+        finally:
+            if single_thread:   # the process-wide default that threads started later read
+                torch.set_num_threads(threads)
+
+    workers = min(threads, len(chunks))
+    if workers <= 1:
+        for chunk in chunks:
+            run(chunk)
+        return out
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for done in [pool.submit(run, chunk, True) for chunk in chunks]:
+            done.result()
+    return out

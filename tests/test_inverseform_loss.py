@@ -293,6 +293,20 @@ def test_joint_loss_equals_straightforward_composition(small_net, n):
     torch.testing.assert_close(e.grad, e2.grad, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_edge_reduction_sum_counts_the_edge_terms_per_image(small_net, n):
+    seg_logits, edge_logits, seg_target, edge_target = make_batch(n, seed=60 + n)
+    args = (seg_logits, edge_logits, seg_target, edge_target[:, 0].to(torch.uint8))
+    mean_total, parts = JointEdgeSegLoss(num_classes=5, inverseform=small_net)(*args)
+    sum_total, sum_parts = JointEdgeSegLoss(num_classes=5, inverseform=small_net, edge_reduction="sum")(*args)
+    assert sum_parts.keys() == parts.keys() and all(torch.equal(parts[k], sum_parts[k]) for k in parts)
+    _close(sum_total, parts["seg"] + 0.1 * parts["edge_att"] + n * (0.3 * parts["edge_bce"] + 0.3 * parts["inverseform"]))
+    if n == 1:
+        _close(sum_total, mean_total)
+    with pytest.raises(ValueError, match="edge_reduction"):
+        JointEdgeSegLoss(edge_reduction="batch")
+
+
 def test_joint_loss_without_edges_and_without_inverseform():
     seg_logits, edge_logits, seg_target, edge_target = make_batch(2, seed=50)
     total, parts = JointEdgeSegLoss(num_classes=5, seg_weight=2.0)(seg_logits, None, seg_target)

@@ -182,3 +182,71 @@ def test_wrapper_samples_segments_and_unsamples():
     assert out["pred"].shape == (2, 4, 40, 64)
     baseline = NUSSegmenter(seg, None, sampling_size=(16, 24)).eval()
     torch.testing.assert_close(baseline(images)["locations"][0], uniform_grid((16, 24)))
+
+
+@pytest.mark.parametrize("grid, out_size", [((12, 16), (50, 70)), ((64, 48), (40, 36)), ((7, 5), (97, 61))])
+def test_unsample_scanlines_reproduce_affine_values_on_coarse_and_fine_grids(grid, out_size):
+    """Affine values are reproduced by any triangulation: every pixel must find a triangle that
+    holds it, also where triangles are much smaller than a pixel (grid finer than the output)."""
+    torch.manual_seed(1)
+    coarse = normalize_locations(uniform_grid((8, 8))[None] + 0.035 * torch.randn(3, 8, 8, 2))
+    loc = resize_locations(coarse, grid).double()
+    height, width = out_size
+    points = normalize_locations(loc) * torch.tensor([height - 1, width - 1], dtype=torch.float64)
+    logits = torch.stack([0.5 * points[..., 0] - points[..., 1], points[..., 1] + 2, -points[..., 0]], 1)
+    out = unsample(logits, loc, out_size)
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                                indexing="ij")
+    expected = torch.stack([0.5 * rows - cols, cols + 2, -rows])[None].expand(3, -1, -1, -1)
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=0)
+
+
+def test_unsample_values_equal_griddata_linear():
+    """Not only the argmax: the values themselves, on a jittered grid (no co-circular cells, so
+    the Delaunay triangulation is unique and griddata's and ours must be the same)."""
+    torch.manual_seed(0)
+    h, w, height, width = 24, 32, 96, 160
+    jitter = (torch.rand(2, h, w, 2, dtype=torch.float64) - 0.5) * torch.tensor([0.3 / (h - 1), 0.3 / (w - 1)],
+                                                                                 dtype=torch.float64)
+    loc = normalize_locations(uniform_grid((h, w), dtype=torch.float64)[None] + jitter)
+    logits = torch.randn(2, 5, h, w, dtype=torch.float64)
+    out = unsample(logits, loc, (height, width))
+    for n in range(2):
+        ref = _griddata(loc[n:n + 1], logits[n:n + 1], height, width)
+        np.testing.assert_allclose(out[n].permute(1, 2, 0).numpy(), ref, atol=1e-4, rtol=0)
+
+
+def test_unsample_degenerate_and_folded_grids():
+    """Points clipped onto the border (zero-area triangles) keep the fast scanlines exact; a grid
+    that folds over takes the per-cell candidates: finite, a convex combination of the logits."""
+    torch.manual_seed(2)
+    height, width = 45, 60
+    loc = uniform_grid((9, 9))[None].clone()
+    loc[0, 1, 2:6, 0] = -0.3  # second row pushed above the image: clipped onto the top border
+    loc[0, 3:6, -2, 1] = 1.4  # second-to-last column clipped onto the right border
+    points = normalize_locations(loc.double()) * torch.tensor([height - 1, width - 1], dtype=torch.float64)
+    logits = torch.stack([points[..., 0] + 2 * points[..., 1], points[..., 1] - 3], 1)
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                                indexing="ij")
+    expected = torch.stack([rows + 2 * cols, cols - 3])[None]
+    torch.testing.assert_close(unsample(logits, loc, (height, width)), expected, atol=2e-3, rtol=0)
+
+    folded = uniform_grid((9, 9))[None].clone()
+    folded[0, 4, 4], folded[0, 4, 5] = folded[0, 4, 5].clone(), folded[0, 4, 4].clone()  # two points swapped
+    values = torch.randn(1, 4, 9, 9)
+    out = unsample(values, folded, (height, width))
+    assert torch.isfinite(out).all()
+    low, high = values.amin((2, 3))[..., None, None], values.amax((2, 3))[..., None, None]
+    assert (out >= low - 1e-5).all() and (out <= high + 1e-5).all()
+    # Away from the fold the result is the plain interpolation (the same grid without the fold).
+    plain = unsample(values, uniform_grid((9, 9))[None], (height, width))
+    far = torch.ones(height, width, dtype=torch.bool)
+    far[10:36, 16:48] = False  # the cells around the two swapped points
+    torch.testing.assert_close(out[..., far], plain[..., far], atol=1e-5, rtol=0)
+
+
+def test_unsample_rejects_tiny_grids_and_outputs():
+    with pytest.raises(ValueError, match="at least 2 x 2"):
+        unsample(torch.zeros(1, 2, 1, 5), torch.zeros(1, 1, 5, 2), (10, 10))
+    with pytest.raises(ValueError, match="at least 2 x 2"):
+        unsample(torch.zeros(1, 2, 4, 4), uniform_grid((4, 4))[None], (1, 10))

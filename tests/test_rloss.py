@@ -148,6 +148,33 @@ def test_batch_lattice_equals_per_image_lattices():
         torch.testing.assert_close(together[b:b + 1], alone, rtol=1e-6, atol=1e-7)
 
 
+def test_cpu_chunks_give_the_batch_lattice_bit_for_bit(monkeypatch):
+    """On a CPU bilateral_filter builds the lattice a few images at a time (cache locality); images
+    share no vertex, so this is the batch lattice's result exactly."""
+    import rloss.filter
+
+    image, values = smooth_image(5, 11, 13, seed=8), probabilities(5, 4, 11, 13, seed=9)
+    flat = values.reshape(5, 4, -1).transpose(1, 2)
+    whole = PermutohedralLattice(lattice_features(image, 10.0, 5.0)).apply(flat).transpose(1, 2).reshape(5, 4, 11, 13)
+    threads = torch.get_num_threads()
+    try:
+        for workers in (1, 2):                           # one after another; in a pool of threads
+            torch.set_num_threads(workers)
+            for points in (1, 2 * 11 * 13, 10 ** 9):     # one image, two (a short last chunk), all at once
+                monkeypatch.setattr(rloss.filter, "CPU_CHUNK_POINTS", points)
+                assert torch.equal(bilateral_filter(image, values, 10.0, 5.0), whole)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_filter_returns_contiguous_nchw():
+    """A channels-last view out of the filter made the backward of the loss's bilinear downscale,
+    and the copy into the leaf's gradient, several times slower (benchmarks/bench_rloss.py)."""
+    image, values = smooth_image(2, 10, 14, seed=1), probabilities(2, 3, 10, 14, seed=2)
+    for kernel in ("permutohedral", "exact"):
+        assert bilateral_filter(image, values, 10.0, 5.0, kernel=kernel).is_contiguous()
+
+
 def test_lattice_is_linear_in_values():
     image = smooth_image(1, 10, 12, seed=5)
     a, b = probabilities(1, 2, 10, 12, seed=6), probabilities(1, 2, 10, 12, seed=7)

@@ -227,14 +227,23 @@ def test_train_command_refuses_edges_with_scribbles(tmp_path):
     assert "need full labels" in out.stderr + out.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the issue's target (DenseCRF >= pCE + 2 mIoU points) was not reached on "
-                                        "the synthetic scribbles: measured gains of -2.4 to +1.9 points (README)")
-def test_demo_densecrf_beats_pce_by_two_points(tmp_path):
-    """The README's demo: configs/synthetic_scribbles.yaml end to end (minutes on an idle CPU)."""
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The README's demo: configs/synthetic_scribbles.yaml end to end (12 minutes on the project's
+    busy 2-core machine), run once for the tests below."""
+    out = tmp_path_factory.mktemp("scribble_demo") / "demo"
     subprocess.run([sys.executable, "-m", "experiment.train", "--config", "configs/synthetic_scribbles.yaml",
-                    "--output_dir", str(out)], cwd=ROOT, check=True, timeout=1800)
-    result = json.loads((out / "comparison.json").read_text())
-    assert result["densecrf_miou"] - result["pce_miou"] >= 0.02
-    assert result["full_miou"] > result["pce_miou"]
+                    "--output_dir", str(out)], cwd=ROOT, check=True, timeout=3600)
+    return json.loads((out / "comparison.json").read_text())
+
+
+@pytest.mark.slow
+def test_demo_densecrf_improves_on_pce_and_full_labels_bound_both(demo):
+    assert demo["full_miou"] > demo["densecrf_miou"] > demo["pce_miou"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="the issue's target (DenseCRF >= pCE + 2 mIoU points) is not reached: "
+                                        "+1.56 points measured (README)")
+def test_demo_densecrf_beats_pce_by_two_points(demo):
+    assert demo["densecrf_miou"] - demo["pce_miou"] >= 0.02

@@ -23,6 +23,11 @@
   "Within ``tolerance``" is a true round disk (dy^2 + dx^2 <= tolerance^2), so the score
   does not change when both maps are transposed (OpenCV's ellipse, used before, covers
   17 pixels at tolerance 2 and is not symmetric under transposition).
+* Edge-map F-score (ODS): for an edge head's probabilities against the edge targets, the
+  same tolerance matching at each threshold t = 0.02, 0.04, ..., 0.98 (pixels with probability
+  >= t are edges), counts summed over the dataset, and the F-score at the best single threshold.
+  Both maps are bands a few pixels wide (the targets mark pixels within 2 px of a boundary), so
+  there is no thinning or one-to-one matching as in the BSDS benchmark.
 
 Two implementations of the boundary metrics with the same definitions: the numpy/OpenCV
 ones (one image, on the host; the test oracle) and the torch ones (``*_batch``: a whole
@@ -344,6 +349,78 @@ def boundary_f_counts_batch(pred: torch.Tensor, target: torch.Tensor, num_classe
         return torch.from_numpy(np.stack(counts, 1).astype(np.int64)).to(pred.device)
     return torch.stack([class_histogram(torch.where(mask, label, num_classes), num_classes)
                         for mask, label in ((pred_hit, p), (pred_b, p), (gt_hit, t), (gt_b, t))], 1)
+
+
+# ----------------------------------------------------------------------------- edge maps
+# The edge F-score thresholds the probabilities at the levels i / EDGE_LEVELS, i = 1 .. EDGE_LEVELS - 1
+# (0.02, 0.04, ..., 0.98): a pixel is an edge at level i when floor(EDGE_LEVELS * p) >= i, with the
+# product in float32 (so that both implementations below agree bit for bit).
+EDGE_LEVELS = 50
+EDGE_THRESHOLDS = tuple(i / EDGE_LEVELS for i in range(1, EDGE_LEVELS))
+
+
+def edge_f_counts(prob: np.ndarray, target: np.ndarray, tolerance: int = 2) -> np.ndarray:
+    """Counts for the edge-map F-score of one image (the oracle of :func:`edge_f_counts_batch`):
+    (EDGE_LEVELS - 1) x 4 int64, per threshold, [predicted edge px within ``tolerance`` of a
+    target edge px, predicted edge px, target edge px within ``tolerance`` of a predicted one,
+    target edge px]."""
+    if prob.shape != target.shape or prob.ndim != 2:
+        raise ValueError(f"edge_f_counts: expected two H x W maps of one shape, got {prob.shape} and {target.shape}")
+    kernel = round_disk(tolerance)
+    tgt = (np.asarray(target) > 0.5).astype(np.uint8)
+    tgt_near = cv2.dilate(tgt, kernel) > 0
+    level = np.floor(np.clip(np.asarray(prob, dtype=np.float32), 0, 1) * np.float32(EDGE_LEVELS))
+    counts = np.zeros((EDGE_LEVELS - 1, 4), dtype=np.int64)
+    for i in range(1, EDGE_LEVELS):
+        pred = (level >= i).astype(np.uint8)
+        pred_near = cv2.dilate(pred, kernel) > 0
+        counts[i - 1] = (np.count_nonzero(pred & tgt_near), np.count_nonzero(pred),
+                         np.count_nonzero(tgt & pred_near), np.count_nonzero(tgt))
+    return counts
+
+
+def edge_f_counts_batch(prob: torch.Tensor, target: torch.Tensor, tolerance: int = 2) -> torch.Tensor:
+    """:func:`edge_f_counts` summed over a batch (B x H x W edge probabilities and {0, 1} targets),
+    on their device, without a threshold loop: a pixel is an edge at every level up to its own,
+    and a target pixel is matched at every level up to the highest level in its disk (one grey
+    dilation of the levels), so two histograms of the levels give all the counts."""
+    if prob.shape != target.shape or prob.dim() != 3:
+        raise ValueError(f"edge_f_counts_batch: expected prediction and target of the same shape B x H x W, "
+                         f"got {tuple(prob.shape)} and {tuple(target.shape)}")
+    n = EDGE_LEVELS
+    # level 0..n-1 (uint8; truncation = floor for p >= 0), and its maximum over each disk
+    level = (prob.float().clamp(0, 1) * n).to(torch.uint8).clamp_(max=n - 1)
+    tgt = (target > 0.5).to(torch.uint8)
+    kernel = round_disk(tolerance)
+    level_near = _morphology(level, kernel, torch.maximum)
+    tgt_near = _morphology(tgt, kernel, torch.maximum)
+    # one histogram per pair: levels of all pixels (first n bins) and of the flagged ones (last n)
+    by_pred = torch.bincount((level + n * tgt_near).flatten(), minlength=2 * n).view(2, n)
+    by_target = torch.bincount((level_near + n * tgt).flatten(), minlength=2 * n)[n:]
+
+    def at_least(hist: torch.Tensor) -> torch.Tensor:
+        """How many pixels have level >= i, for i = 1 .. n-1."""
+        return hist.flip(0).cumsum(0).flip(0)[1:]
+
+    all_pixels = at_least(by_pred.sum(0))
+    return torch.stack([at_least(by_pred[1]), all_pixels, at_least(by_target),
+                        tgt.sum(dtype=torch.int64).expand(n - 1)], 1).to(torch.int64)
+
+
+def edge_f_from_counts(counts: np.ndarray, thresholds: Sequence[float] = EDGE_THRESHOLDS) -> Dict[str, float]:
+    """The ODS edge F-score from dataset-summed counts: the best F = 2PR / (P + R) over one
+    threshold shared by all images, with that threshold and its precision and recall."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if not counts[:, 3].any():
+        return {"edge_f": float("nan"), "edge_f_threshold": float("nan"), "edge_precision": float("nan"),
+                "edge_recall": float("nan")}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(counts[:, 1] > 0, counts[:, 0] / counts[:, 1], 0.0)
+        recall = counts[:, 2] / counts[:, 3]
+        f = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    best = int(np.argmax(f))
+    return {"edge_f": float(f[best]), "edge_f_threshold": float(thresholds[best]),
+            "edge_precision": float(precision[best]), "edge_recall": float(recall[best])}
 
 
 def format_table(class_names: Sequence[str], per_class_iou: Sequence[Optional[float]],
