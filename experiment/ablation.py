@@ -273,8 +273,6 @@ def run_ablation(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = Fa
     parallel = a.processes > 1 and ctx.world_size == 1
     if a.processes > 1 and not parallel:
         log.info("ablation.processes=%d ignored: under torchrun every run uses all ranks", a.processes)
-    if a.cpu_threads and ctx.device.type == "cpu":
-        torch.set_num_threads(a.cpu_threads)
     runs = [(name, seed, variant_config(cfg, name, seed)) for seed in a.seeds for name in a.variants]
     todo = []
     for name, seed, sub in runs:
@@ -283,7 +281,9 @@ def run_ablation(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = Fa
         else:
             todo.append((name, seed, sub))
     if any(name in ("inverseform", "geodesic") for name, _, _ in todo):
-        ensure_regressor(cfg, ctx)  # once, before the runs that share it (none for CE alone)
+        ensure_regressor(cfg, ctx)  # once, before the runs that share it (none for CE alone), all threads
+    if a.cpu_threads and ctx.device.type == "cpu":
+        torch.set_num_threads(a.cpu_threads)
     if parallel and todo:
         _run_in_subprocesses(todo, a.processes, a.cpu_threads, resume, overwrite)
     else:
