@@ -185,8 +185,9 @@ def compose_figure(samples: List[Dict[str, Any]], rows: Dict[str, Tuple[np.ndarr
 def _run_in_subprocesses(runs: List[Tuple[str, int, ExperimentConfig]], processes: int, threads: Optional[int],
                          resume: bool, overwrite: bool) -> None:
     """Train the runs as ``experiment.train`` child processes, ``processes`` at a time (each with
-    ``threads`` CPU threads): on a small CPU two single-thread runs finish sooner than one run
-    with two threads.  Each child writes OUTPUT_DIR/<variant>/seed<k>/train_log.txt."""
+    ``threads`` CPU threads): on a small CPU, two single-thread runs keep the cores as busy as one
+    two-thread run and do not spin OpenMP threads against other jobs on a busy machine.  Each
+    child writes OUTPUT_DIR/<variant>/seed<k>/train_log.txt and its console to console.txt."""
     env = {k: v for k, v in os.environ.items() if k not in dist.ENV_KEYS}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
