@@ -171,13 +171,13 @@ def compose_figure(samples: List[Dict[str, Any]], rows: Dict[str, Tuple[np.ndarr
     for s in samples:
         top += [_labelled(fit(denormalize(s["image"])), s["name"][:28]),
                 _labelled(fit(colorize(s["label"].numpy())), "ground truth")]
-        gt += [_labelled(fit(edge_image(s["edge"][0].numpy())), "edge target"),
-               np.zeros_like(fit(edge_image(s["edge"][0].numpy())))]
+        target = fit(edge_image(s["edge"][0].numpy()))
+        gt += [_labelled(target, "edge target"), np.zeros_like(target)]
     lines = [np.concatenate(top, 1), np.concatenate(gt, 1)]
     for name, (colors, edges) in rows.items():
         tiles = []
         for k in range(len(samples)):
-            tiles += [_labelled(fit(colors[k]), f"{titles[name]}"), _labelled(fit(edges[k]), "edge map")]
+            tiles += [_labelled(fit(colors[k]), titles[name]), _labelled(fit(edges[k]), "edge map")]
         lines.append(np.concatenate(tiles, 1))
     return np.concatenate(lines, 0)
 

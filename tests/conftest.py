@@ -7,6 +7,8 @@ as read-only: tests that modify files or write caches should copy it first
 
 ``regressor``: a small InverseForm regressor file in the released format (32 x 32 tiles, for
 64 x 128 crops with tile_factor 1), made once per session.
+
+``ctx``: a single-process CPU DistContext, with torchrun's variables cleared from the environment.
 """
 import pytest
 
@@ -32,3 +34,12 @@ def regressor(tmp_path_factory):
     path = tmp_path_factory.mktemp("regressor") / "regressor.pth"
     save_regressor(net, path, {"dataset": "test"})
     return path
+
+
+@pytest.fixture
+def ctx(monkeypatch):
+    from utils import dist
+
+    for key in dist.ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    return dist.init_distributed("cpu")

@@ -12,7 +12,6 @@ from datasets.edges import edge_target, edge_target_reference
 from experiment.ablation import VARIANTS, ablation_table, run_ablation, summarise, variant_config
 from experiment.config import ExperimentConfig
 from experiment.common import UserError
-from utils import dist
 from utils.config import load_config
 from utils.metrics import EDGE_THRESHOLDS, edge_f_counts, edge_f_counts_batch, edge_f_from_counts
 
@@ -130,13 +129,6 @@ def test_ablation_refuses_a_model_without_edge_head(tiny_cityscapes, regressor, 
     cfg = _config(tiny_cityscapes, tmp_path, regressor, "model.has_edge=false")
     with pytest.raises(UserError, match="has_edge"):
         run_ablation(cfg, ctx)
-
-
-@pytest.fixture
-def ctx(monkeypatch):
-    for key in dist.ENV_KEYS:
-        monkeypatch.delenv(key, raising=False)
-    return dist.init_distributed("cpu")
 
 
 def test_tiny_ablation_writes_table_json_and_figure(tiny_cityscapes, regressor, tmp_path, ctx, capsys):

@@ -12,7 +12,6 @@ from experiment.config import RegressorConfig
 from experiment.train_inverseform import collate_tiles, make_pairs, step_generator, tile_dataset, train_regressor
 from inverseform import InverseFormLoss, InverseNet, params_to_matrix, warp
 from inverseform.tiling import resize_for_tiling
-from utils import dist
 from utils.config import load_config
 
 
@@ -26,13 +25,6 @@ def regressor_config(root, out, **extra):
     }
     values.update(extra)
     return load_config(RegressorConfig, [], [f"{k}={v}" for k, v in values.items()])
-
-
-@pytest.fixture
-def ctx(monkeypatch):
-    for key in dist.ENV_KEYS:
-        monkeypatch.delenv(key, raising=False)
-    return dist.init_distributed("cpu")
 
 
 def test_tiles_are_cut_as_the_loss_cuts_them(tiny_cityscapes, tmp_path):

@@ -38,13 +38,6 @@ def config(*args, **kwargs):
     return load_config(ExperimentConfig, [], overrides(*args, **kwargs))
 
 
-@pytest.fixture
-def ctx(monkeypatch):
-    for key in dist.ENV_KEYS:
-        monkeypatch.delenv(key, raising=False)
-    return dist.init_distributed("cpu")
-
-
 def history(out):
     return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
 

@@ -41,13 +41,6 @@ def config(*args, **kwargs):
     return load_config(ExperimentConfig, [], settings(*args, **kwargs))
 
 
-@pytest.fixture
-def ctx(monkeypatch):
-    for key in dist.ENV_KEYS:
-        monkeypatch.delenv(key, raising=False)
-    return dist.init_distributed("cpu")
-
-
 def iterations(out):
     return [json.loads(line)["iteration"] for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
 

@@ -17,7 +17,6 @@ from datasets.voc import VOCSegmentation, voc_colormap
 from experiment.common import UserError
 from experiment.config import ExperimentConfig
 from experiment.weak import WeakObjective, check_config, partial_cross_entropy, run_comparison
-from utils import dist
 from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,13 +180,6 @@ def test_scribbles_refuse_edge_and_inverseform_terms():
 
 
 # ----------------------------------------------------------------------------- training
-@pytest.fixture
-def ctx(monkeypatch):
-    for key in dist.ENV_KEYS:
-        monkeypatch.delenv(key, raising=False)
-    return dist.init_distributed("cpu")
-
-
 def test_comparison_trains_three_runs_and_writes_comparison_json(tiny_cityscapes, tmp_path, ctx):
     opts = {"output_dir": tmp_path / "cmp", "data.dataset_dir": tiny_cityscapes, "data.crop_size": "[64, 128]",
             "data.scale_range": "[0.75, 1.0]", "data.class_uniform_fraction": 0.0, "data.num_workers": 0,
