@@ -2,7 +2,7 @@
 chosen device vs scipy's ``griddata(method="linear")`` (the reference's un-sampler) on the same
 points and values, with the share of pixels whose argmax agrees.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_nus.py [--device cuda] [--repeats 5] [--griddata-repeats 3]
+    OMP_NUM_THREADS=1 python benchmarks/bench_nus.py [--device cuda] [--repeats 5] [--griddata-repeats 5]
                                                      [--profile]
 
 The sample grid is a learned-looking one: the regularised targets of a synthetic Cityscapes
@@ -11,10 +11,14 @@ label sampled there (so the argmax comparison looks at real class boundaries).
 
 Memory pages matter on a CPU: the 80 MB float32 output is fresh memory every call, and on a
 virtual machine touching it page by page (4 KiB) can cost more than computing it.  numpy (hence
-griddata) asks the kernel for transparent huge pages by default; PyTorch does when
-``THP_MEM_ALLOC_ENABLE=1`` is set before it starts.  On a CPU the un-sampler is therefore timed
-twice, in two child processes: with PyTorch's default pages and with huge pages.  Threads: both
-sides use what ``OMP_NUM_THREADS`` allows (scipy's griddata is single-threaded anyway).
+griddata) asks the kernel for transparent huge pages by default; PyTorch does only when
+``THP_MEM_ALLOC_ENABLE=1`` is set before it starts, which is why ``unsample`` takes its large
+CPU buffers from numpy.  The un-sampler is timed twice, in two child processes, with
+PyTorch's default pages and with ``THP_MEM_ALLOC_ENABLE=1`` (they should now agree).  Both
+sides drop the previous result before the next call, as a validation loop does (griddata
+took 1.3-1.9x longer with its previous 160 MB result still alive), and both get one warm-up
+call.  Threads: both sides use what ``OMP_NUM_THREADS`` allows (scipy's griddata is
+single-threaded anyway).
 ``--profile`` adds the split of one call (triangulate, rasterise, planes, interpolate).
 """
 import argparse
@@ -63,6 +67,7 @@ def time_unsample(args, profile: bool = False):
     sync()
     times = []
     for _ in range(args.repeats):
+        out = None  # the previous result is dropped first, as by a loop that consumes each one
         t0 = time.perf_counter()
         out = unsample(logits_d, loc_d, (args.size, args.size))
         sync()
@@ -99,7 +104,7 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=192)
     parser.add_argument("--classes", type=int, default=19)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--griddata-repeats", type=int, default=3)
+    parser.add_argument("--griddata-repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="also print the split of one call")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,8 +125,9 @@ def main() -> None:
     points = locations[0].double().numpy().reshape(-1, 2) * (args.size - 1)
     values = logits[0].permute(1, 2, 0).reshape(-1, args.classes).numpy()
     pixels = np.stack(np.mgrid[:args.size, :args.size], -1).reshape(-1, 2)
-    ref_times = []
+    ref_times, ref = [], griddata(points, values, pixels, method="linear")  # warm-up, as for unsample
     for _ in range(args.griddata_repeats):
+        ref = None  # as above: with the previous 160 MB result still alive, griddata took 1.3-1.9x longer
         t0 = time.perf_counter()
         ref = griddata(points, values, pixels, method="linear")
         ref_times.append(time.perf_counter() - t0)

@@ -30,9 +30,7 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 if __package__ in (None, ""):  # run as a script (torchrun experiment/ablation.py)
@@ -44,20 +42,18 @@ import torch
 
 from datasets import colorize
 from experiment.acceleration import place_model, to_device_images
-from experiment.common import (SHARED_FLAGS, Rank0Writer, StopRequested, UserError, autocast, flag_overrides,
+from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides,
                                script_main, script_parser)
+from experiment.children import ChildRun, run_children
 from experiment.config import ExperimentConfig
 from experiment.data import dataset_root, val_dataset
-from experiment.run_safety import StopSignal
 from experiment.validation import build_model, denormalize, edge_image, write_png
 from models import load_checkpoint
 from utils import dist
-from utils.config import apply_overrides, build_dataclass, config_to_dict, save_config
+from utils.config import apply_overrides, build_dataclass, config_to_dict
 from utils.io import atomic_write_text
 
 log = logging.getLogger("experiment.ablation")
-
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (title in the table, config overrides on top of the ablation's config)
 VARIANTS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
@@ -182,76 +178,6 @@ def compose_figure(samples: List[Dict[str, Any]], rows: Dict[str, Tuple[np.ndarr
     return np.concatenate(lines, 0)
 
 
-def _run_in_subprocesses(runs: List[Tuple[str, int, ExperimentConfig]], processes: int, threads: Optional[int],
-                         resume: bool, overwrite: bool) -> None:
-    """Train the runs as ``experiment.train`` child processes, ``processes`` at a time (each with
-    ``threads`` CPU threads): on a small CPU, two single-thread runs keep the cores as busy as one
-    two-thread run and do not spin OpenMP threads against other jobs on a busy machine.  Each
-    child writes OUTPUT_DIR/<variant>/seed<k>/train_log.txt and its console to console.txt."""
-    env = {k: v for k, v in os.environ.items() if k not in dist.ENV_KEYS}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    pending, running = list(runs), []
-    stop = StopSignal()
-    with stop.installed():
-        try:
-            _schedule(pending, running, processes, env, resume, overwrite, stop, len(runs))
-        finally:
-            for *_, proc in running:  # an error, an interrupt or SIGTERM: each child checkpoints and stops
-                proc.terminate()
-            for *_, proc in running:
-                proc.wait()
-    if stop.requested:
-        raise StopRequested(f"stopped by {stop.name()}: each unfinished run saved a checkpoint; continue with "
-                            "--resume", stop.exit_code())
-
-
-def _schedule(pending: list, running: list, processes: int, env: Dict[str, str], resume: bool, overwrite: bool,
-              stop: StopSignal, total: int) -> None:
-    """Start runs from ``pending`` while fewer than ``processes`` are ``running``; log each that
-    ends; raise on a failed one; return when all are done or a stop signal came."""
-    finished = 0
-    while (pending or running) and not stop.requested:
-        while pending and len(running) < processes:
-            name, seed, sub = pending.pop(0)
-            os.makedirs(sub.output_dir, exist_ok=True)
-            spec = os.path.join(sub.output_dir, "ablation_run.yaml")
-            sub.cuda_overrides = []  # already applied to the ablation's config: never twice
-            save_config(sub, spec)
-            cmd = [sys.executable, "-m", "experiment.train", "--config", spec]
-            if resume and os.path.isfile(os.path.join(sub.output_dir, "last.pth")):
-                cmd.append("--resume")
-            elif overwrite:
-                cmd.append("--overwrite")
-            # the child's console (progress bars, log, metrics table) goes to a file, not a pipe:
-            # a pipe nobody reads until the end would block a chatty child
-            console = os.path.join(sub.output_dir, "console.txt")
-            log.info("ablation: %s, seed %d started -> %s (progress: %s)", name, seed, sub.output_dir, console)
-            with open(console, "ab") as out:
-                proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-            running.append((name, seed, sub, time.time(), proc))
-        time.sleep(0.5)
-        for item in list(running):
-            name, seed, sub, started, proc = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            if proc.returncode != 0:
-                console = os.path.join(sub.output_dir, "console.txt")
-                with open(console, "rb") as f:  # its last line: the one-line error of experiment.train
-                    lines = [ln for ln in f.read().decode(errors="replace").replace("\r", "\n").splitlines()
-                             if ln.strip()]
-                raise UserError(f"ablation run {sub.output_dir} failed (exit code {proc.returncode}): "
-                                f"{lines[-1] if lines else 'no message'} (console: {console}); "
-                                "continue with --resume")
-            finished += 1
-            with open(os.path.join(sub.output_dir, "metrics.json")) as f:
-                m = json.load(f)
-            log.info("ablation: %s, seed %d finished in %.1f min (%d/%d): mIoU %.4f, mBA %.4f, boundary F %.4f, "
-                     "edge F %.4f", name, seed, (time.time() - started) / 60, finished, total, m["miou"],
-                     m["mba"], m["boundary_f"], m.get("edge_f", float("nan")))
-
-
 def _figure_from_checkpoints(cfg: ExperimentConfig, variants: List[str], seed: int, samples: List[Dict[str, Any]],
                              device: torch.device) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     rows = {}
@@ -286,7 +212,13 @@ def run_ablation(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = Fa
     if a.cpu_threads and ctx.device.type == "cpu":
         torch.set_num_threads(a.cpu_threads)
     if parallel and todo:
-        _run_in_subprocesses(todo, a.processes, a.cpu_threads, resume, overwrite)
+        run_children([ChildRun(f"{name}, seed {seed}", sub) for name, seed, sub in todo], a.processes,
+                     a.cpu_threads, resume, overwrite, what="ablation run")
+        for name, seed, sub in todo:
+            with open(os.path.join(sub.output_dir, "metrics.json")) as f:
+                m = json.load(f)
+            log.info("ablation: %s, seed %d: mIoU %.4f, mBA %.4f, boundary F %.4f, edge F %.4f", name, seed,
+                     m["miou"], m["mba"], m["boundary_f"], m.get("edge_f", float("nan")))
     else:
         for k, (name, seed, sub) in enumerate(todo, 1):
             log.info("ablation run %d/%d: %s, seed %d -> %s", k, len(todo), name, seed, sub.output_dir)

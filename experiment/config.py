@@ -255,8 +255,14 @@ class NUSConfig:
     # CPU threads of the run (None: torch's default).  On a busy small CPU one thread avoids
     # OpenMP threads fighting over cores (15x faster MobileNetV2 steps on the shared 2-core machine).
     cpu_threads: Optional[int] = None
+    # compare: the whole comparison once per seed (train.seed = each; OUTPUT_DIR/seed<k>), the
+    # chart and comparison.json then report the mean over the seeds (empty: train.seed alone)
+    seeds: List[int] = dataclasses.field(default_factory=list)
+    processes: int = 1  # seeds trained at once as child processes (single-process jobs only)
 
     def validate(self) -> None:
+        _check(self.processes >= 1, f"config key 'nus.processes' must be >= 1, got {self.processes}")
+        _check(len(set(self.seeds)) == len(self.seeds), f"config key 'nus.seeds' repeats a seed: {self.seeds}")
         _check(self.mode in ("off", "uniform", "adaptive", "compare"),
                f"config key 'nus.mode' must be off, uniform, adaptive or compare, got {self.mode!r}")
         _check(len(self.sampling_size) == 2 and min(self.sampling_size) >= 2,
@@ -294,8 +300,12 @@ class WeakConfig:
     # CPU threads of the comparison (None: torch's default).  On a busy small CPU one thread avoids
     # OpenMP threads spinning against other processes (20x faster steps seen on the shared 2-core machine).
     cpu_threads: Optional[int] = None
+    # runs of the comparison trained at once as child processes (single-process jobs only; each
+    # with cpu_threads threads): 2 on a 2-core CPU runs the three in the time of the two longest
+    processes: int = 1
 
     def validate(self) -> None:
+        _check(self.processes >= 1, f"config key 'weak.processes' must be >= 1, got {self.processes}")
         _check(self.source in ("cityscapes", "voc"), f"config key 'weak.source' must be cityscapes or voc, got {self.source!r}")
         _check(self.labels in ("scribbles", "full"), f"config key 'weak.labels' must be scribbles or full, got {self.labels!r}")
         _check(0 < self.scribble_fraction <= 1, f"config key 'weak.scribble_fraction' must be in (0, 1], got {self.scribble_fraction}")

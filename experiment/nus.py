@@ -24,8 +24,11 @@ and skips finished ones.  DDP/torchrun and AMP (``train.amp``) as in experiment/
 """
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
+import shutil
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -38,6 +41,7 @@ from tqdm import tqdm
 
 from datasets import colorize
 from datasets.nus_targets import NUSTargets
+from experiment.children import ChildRun, run_children
 from experiment.common import Rank0Writer, UserError, autocast, resolve_amp, seed_everything
 from experiment.config import ExperimentConfig
 from experiment.data import dataset_root, eval_loader, train_dataset, train_loader, val_dataset
@@ -312,6 +316,11 @@ def run_nus(cfg: ExperimentConfig, ctx: dist.DistContext, resume=False) -> Dict[
     nus = cfg.nus
     if nus.cpu_threads and ctx.device.type == "cpu":
         torch.set_num_threads(nus.cpu_threads)
+    if nus.mode == "compare" and len(nus.seeds) > 1:
+        return run_seeds(cfg, ctx, resume)
+    if nus.seeds:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.seed = nus.seeds[0]
     os.makedirs(cfg.output_dir, exist_ok=True)
     if ctx.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -378,6 +387,100 @@ def run_nus(cfg: ExperimentConfig, ctx: dist.DistContext, resume=False) -> Dict[
               f"TensorBoard:  tensorboard --logdir {os.path.join(cfg.output_dir, 'tensorboard')}")
     writer.close()
     return result
+
+
+def run_seeds(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool) -> Dict[str, Any]:
+    """The comparison once per seed of ``nus.seeds`` (OUTPUT_DIR/seed<k>, ``nus.processes`` at a
+    time as child processes), then the mean over the seeds: one seed's margin on a small
+    synthetic val split moves by a few points, the mean of the paired margins much less."""
+    nus = cfg.nus
+    subs = []
+    for seed in nus.seeds:
+        sub = copy.deepcopy(cfg)
+        sub.output_dir = os.path.join(cfg.output_dir, f"seed{seed}")
+        sub.train.seed, sub.nus.seeds = seed, []
+        subs.append((seed, sub))
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if ctx.is_main:
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    parallel = nus.processes > 1 and ctx.world_size == 1
+    if nus.processes > 1 and not parallel:
+        log.info("nus.processes=%d ignored: under torchrun every seed uses all ranks", nus.processes)
+    if parallel:
+        run_children([ChildRun(f"seed {seed}", sub, resume_file="config.yaml") for seed, sub in subs],
+                     nus.processes, nus.cpu_threads, resume, what="NUS comparison")
+        per_seed = {}
+        for seed, sub in subs:
+            path = os.path.join(sub.output_dir, "comparison.json")
+            if not os.path.isfile(path):
+                raise UserError(f"NUS comparison {sub.output_dir} wrote no comparison.json; continue with --resume")
+            with open(path) as f:
+                per_seed[seed] = json.load(f)
+    else:
+        per_seed = {seed: run_nus(sub, ctx, resume) for seed, sub in subs}
+    result = seed_summary(per_seed)
+    if ctx.is_main:
+        first = per_seed[nus.seeds[0]]
+        picture_path = os.path.join(cfg.output_dir, "sampling_grid.png")
+        shutil.copyfile(first["picture"], picture_path)
+        result["picture"] = picture_path
+        writer = Rank0Writer(os.path.join(cfg.output_dir, "tensorboard"), True)
+        writer.add_image("nus/sampling_grid", cv2.cvtColor(cv2.imread(picture_path), cv2.COLOR_BGR2RGB), 0,
+                         dataformats="HWC")
+        for mode in ("uniform", "adaptive"):
+            writer.add_scalar(f"nus/{mode}_miou_mean", result[f"{mode}_miou"], result["sampling_size"][0])
+        writer.close()
+        path = os.path.join(cfg.output_dir, "comparison.json")
+        atomic_write_json(path, result)
+        print(f"\nmean over seeds {list(nus.seeds)}:")
+        print(flops_table(result["rows"]))
+        print(seed_table(result))
+        print(f"results:      {path}\npicture:      {picture_path} (seed {nus.seeds[0]})\n"
+              f"per seed:     {', '.join(os.path.join(sub.output_dir, 'comparison.json') for _, sub in subs)}")
+    return result
+
+
+def seed_summary(per_seed: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
+    """comparison.json of several seeds -> one: every row's mIoU the mean over the seeds, the
+    headline ``uniform_miou``/``adaptive_miou`` means, their spread, and each seed's margin."""
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+    result = {k: v for k, v in first.items() if k not in ("rows", "picture")}
+    rows = []
+    for k, row in enumerate(first["rows"]):
+        mean_row = dict(row)
+        for mode in ("uniform", "adaptive"):
+            if row.get(f"{mode}_miou") is None:
+                continue
+            values = [per_seed[s]["rows"][k][f"{mode}_miou"] for s in seeds]
+            mean_row[f"{mode}_miou"] = float(np.mean(values))
+            mean_row[f"{mode}_per_class_iou"] = [
+                None if any(per_seed[s]["rows"][k][f"{mode}_per_class_iou"][c] is None for s in seeds) else
+                float(np.mean([per_seed[s]["rows"][k][f"{mode}_per_class_iou"][c] for s in seeds]))
+                for c in range(len(row[f"{mode}_per_class_iou"]))]
+            mean_row[f"{mode}_pixel_acc"] = float(np.mean([per_seed[s]["rows"][k][f"{mode}_pixel_acc"] for s in seeds]))
+        rows.append(mean_row)
+    margins = [100 * (per_seed[s]["adaptive_miou"] - per_seed[s]["uniform_miou"]) for s in seeds]
+    result.update({
+        "rows": rows, "seeds": seeds,
+        "uniform_miou": float(np.mean([per_seed[s]["uniform_miou"] for s in seeds])),
+        "adaptive_miou": float(np.mean([per_seed[s]["adaptive_miou"] for s in seeds])),
+        "uniform_miou_std": float(np.std([per_seed[s]["uniform_miou"] for s in seeds], ddof=1)),
+        "adaptive_miou_std": float(np.std([per_seed[s]["adaptive_miou"] for s in seeds], ddof=1)),
+        "margin_points": float(np.mean(margins)), "margin_points_std": float(np.std(margins, ddof=1)),
+        "per_seed": {str(s): {"uniform_miou": per_seed[s]["uniform_miou"], "adaptive_miou": per_seed[s]["adaptive_miou"],
+                              "margin_points": m} for s, m in zip(seeds, margins)}})
+    return result
+
+
+def seed_table(result: Dict[str, Any]) -> str:
+    lines = [f"{'seed':>6}  {'uniform mIoU':>12}  {'adaptive mIoU':>13}  {'adaptive - uniform':>18}"]
+    for seed, r in result["per_seed"].items():
+        lines.append(f"{seed:>6}  {100 * r['uniform_miou']:>12.2f}  {100 * r['adaptive_miou']:>13.2f}  "
+                     f"{r['margin_points']:>+18.2f}")
+    lines.append(f"{'mean':>6}  {100 * result['uniform_miou']:>12.2f}  {100 * result['adaptive_miou']:>13.2f}  "
+                 f"{result['margin_points']:>+18.2f} (std over seeds {result['margin_points_std']:.2f})")
+    return "\n".join(lines)
 
 
 @torch.no_grad()

@@ -219,10 +219,10 @@ def evaluate(net: torch.nn.Module, loader, device: torch.device, *, num_classes:
         if inputs is not images:
             out = {k: v[:images.shape[0]] for k, v in out.items()}
         logits = out["pred"].float()
-        # images whose logits hold a NaN/Inf: min and max per image carry them (NaN propagates), at
-        # a tenth of the cost of isfinite() over every logit
-        lo, hi = logits.flatten(1).aminmax(dim=1)
-        non_finite += (~(torch.isfinite(lo) & torch.isfinite(hi))).sum()
+        # images whose logits hold a NaN/Inf: they propagate into the image's sum (one vectorised
+        # pass: 8 ms for 19 x 1024 x 2048 on one CPU thread, against 112 ms for a per-image aminmax
+        # and ~1 s for isfinite() over every logit; only logits near 1e31 could overflow the sum)
+        non_finite += (~torch.isfinite(logits.flatten(1).sum(1))).sum()
         pred = logits.max(1).indices  # = argmax(1) (first maximum on ties), 2x faster on CPUs
         conf += confusion_matrix(pred, labels, num_classes)
         edge_prob = out.get("edge_prob")

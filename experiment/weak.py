@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD, Cityscapes, ScribbleCityscapes, TrainTransform, ValTransform
+from experiment.children import ChildRun, run_children
 from experiment.common import UserError
 from experiment.config import ExperimentConfig, LossConfig, WeakConfig
 from experiment.data import color_jitter, dataset_root
@@ -151,7 +152,8 @@ def run_comparison(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = 
     """Train pCE alone, pCE + DenseCRF and fully supervised (the same objective on full labels),
     same seed, schedule and scribbles, each in OUTPUT_DIR/<name>; print the reference's table and
     write OUTPUT_DIR/comparison.json (``pce_miou``, ``densecrf_miou``, ``full_miou``, seconds per
-    iteration of each)."""
+    iteration of each).  With ``weak.processes`` > 1 (single-process jobs) the three train at once
+    as child processes (experiment/children.py), each with ``weak.cpu_threads`` threads."""
     from experiment.train import train
 
     if cfg.loss.densecrf_weight <= 0:
@@ -163,25 +165,37 @@ def run_comparison(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = 
         "densecrf": {"weak.labels": "scribbles"},
         "full": {"loss.densecrf_weight": 0.0, "weak.labels": "full"},
     }
-    results: Dict[str, Any] = {}
-    for name, title in RUNS:
+    subs = {}
+    for name, _ in RUNS:
         sub = copy.deepcopy(cfg)
         sub.output_dir = os.path.join(cfg.output_dir, name)
         sub.weak.compare = False
         for key, value in settings[name].items():
             section, field = key.split(".")
             setattr(getattr(sub, section), field, value)
-        log.info("comparison: %s -> %s", title, sub.output_dir)
-        started = time.time()
-        metrics, _ = train(sub, ctx, resume=resume and os.path.isfile(os.path.join(sub.output_dir, "last.pth")),
-                           overwrite=overwrite)
-        if not metrics:
-            raise UserError(f"comparison run {name} stopped early; continue it with --resume")
-        wall = time.time() - started
-        iterations = int(metrics.get("iteration") or 1)
-        # the run's wall time over its iterations: start-up and the final validation included
-        results[name] = {"miou": float(metrics["miou"]), "seconds_per_iteration": wall / iterations,
-                         "iterations": iterations, "wall_seconds": wall}
+        subs[name] = sub
+    parallel = cfg.weak.processes > 1 and ctx.world_size == 1
+    if cfg.weak.processes > 1 and not parallel:
+        log.info("weak.processes=%d ignored: under torchrun every run uses all ranks", cfg.weak.processes)
+    results: Dict[str, Any] = {}
+    if parallel:  # the DenseCRF run (the longest) first: the other two share the second process
+        order = ["densecrf"] + [name for name, _ in RUNS if name != "densecrf"]
+        walls = run_children([ChildRun(dict(RUNS)[name], subs[name]) for name in order], cfg.weak.processes,
+                             cfg.weak.cpu_threads, resume, overwrite, what="comparison run")
+        for name, title in RUNS:
+            with open(os.path.join(subs[name].output_dir, "metrics.json")) as f:
+                metrics = json.load(f)
+            results[name] = _run_result(metrics, walls[title])
+    else:
+        for name, title in RUNS:
+            sub = subs[name]
+            log.info("comparison: %s -> %s", title, sub.output_dir)
+            started = time.time()
+            metrics, _ = train(sub, ctx, resume=resume and os.path.isfile(os.path.join(sub.output_dir, "last.pth")),
+                               overwrite=overwrite)
+            if not metrics:
+                raise UserError(f"comparison run {name} stopped early; continue it with --resume")
+            results[name] = _run_result(metrics, time.time() - started)
     summary = {
         "pce_miou": results["pce"]["miou"], "densecrf_miou": results["densecrf"]["miou"],
         "full_miou": results["full"]["miou"],
@@ -190,15 +204,27 @@ def run_comparison(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = 
         "settings": {"densecrf_weight": cfg.loss.densecrf_weight, "sigma_rgb": cfg.loss.densecrf_sigma_rgb,
                      "sigma_xy": cfg.loss.densecrf_sigma_xy, "scale": cfg.loss.densecrf_scale,
                      "source": cfg.weak.source, "scribble_fraction": cfg.weak.scribble_fraction,
-                     "stroke_width": cfg.weak.stroke_width, "seed": cfg.train.seed},
+                     "stroke_width": cfg.weak.stroke_width, "seed": cfg.train.seed,
+                     "processes": cfg.weak.processes if parallel else 1},
     }
     if ctx.is_main:
         path = os.path.join(cfg.output_dir, "comparison.json")
         atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
         print(comparison_table(results))
+        if parallel:
+            print(f"(the three runs trained at once, {cfg.weak.processes} child processes sharing the CPU: "
+                  "s/iteration is each run's share of it)")
         print(f"\nDenseCRF - pCE: {summary['densecrf_gain_points']:+.2f} mIoU points "
               f"(paper, VOC 2012: +3.6); written to {path}")
     return summary
+
+
+def _run_result(metrics: Dict[str, Any], wall: float) -> Dict[str, Any]:
+    """One run's row: mIoU and its wall time over its iterations (start-up and the final
+    validation included; with child processes, the child's whole life)."""
+    iterations = int(metrics.get("iteration") or 1)
+    return {"miou": float(metrics["miou"]), "seconds_per_iteration": wall / iterations,
+            "iterations": iterations, "wall_seconds": wall}
 
 
 def comparison_table(results: Dict[str, Any]) -> str:

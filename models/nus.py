@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -176,7 +177,7 @@ def _cell_triangles(flip: torch.Tensor) -> torch.Tensor:
     w = w1 + 1
     corner = torch.arange(n * (h1 + 1) * w, device=flip.device).view(n, h1 + 1, w)[:, :-1, :-1]
     offsets = torch.tensor([[0, 1, w + 1, 0, w + 1, w], [0, 1, w, 1, w + 1, w]], device=flip.device)
-    return (offsets[flip.reshape(-1).long()] + corner.reshape(-1, 1)).view(-1, 2, 3)
+    return (offsets.index_select(0, flip.reshape(-1).long()) + corner.reshape(-1, 1)).view(-1, 2, 3)
 
 
 def _affine_weights(v: torch.Tensor) -> torch.Tensor:
@@ -256,8 +257,9 @@ def _plane_coefficients(rows: torch.Tensor, cols: torch.Tensor, triangles: torch
     + coef[2, t, k] * c'`` in centred coordinates (r' = r - (H - 1) / 2, c' likewise: half the
     magnitude, so float32 keeps ~1e-5).  Degenerate (zero-area) triangles get 1/3 each.
     Also whether the grid folds over (some triangle turned the other way round)."""
-    tri = triangles.t()  # 3 x T: vertex k of every triangle, contiguous
-    r, c = rows.reshape(-1)[tri], cols.reshape(-1)[tri]  # float64
+    tri = triangles.t().contiguous()  # 3 x T: vertex k of every triangle
+    r = rows.reshape(-1).index_select(0, tri.reshape(-1)).view(tri.shape)  # float64
+    c = cols.reshape(-1).index_select(0, tri.reshape(-1)).view(tri.shape)
     e1r, e1c, e2r, e2c = r[1] - r[0], c[1] - c[0], r[2] - r[0], c[2] - c[0]
     area = e1r * e2c - e1c * e2r  # negative for every triangle of an unfolded grid
     folded = bool((area > 1e-9).any())
@@ -276,6 +278,32 @@ def _plane_coefficients(rows: torch.Tensor, cols: torch.Tensor, triangles: torch
     coef[0, 0] += 1
     coef[0] += (~ok).float() / 3
     return coef.transpose(1, 2).contiguous(), folded
+
+
+# On a CPU the un-sampler writes tens of MB of fresh memory per call (80 MB for 19 x 1024 x 1024
+# logits).  PyTorch's CPU allocator maps it in 4 KiB pages unless THP_MEM_ALLOC_ENABLE=1 was set
+# before it started, and on a virtual machine faulting those pages in cost more than the
+# interpolation itself (46 vs 9 ms for 80 MB, measured on the project's 2-core machine).  numpy
+# asks Linux for transparent huge pages on large arrays, so the big CPU buffers come from numpy.
+_HOST_BUFFER_BYTES = 1 << 22
+_INT32_LIMIT = 2 ** 31  # per-crossing and pixel indices in int32 below it
+
+
+def _host_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, backed by a numpy array (transparent huge pages) for large CPU buffers."""
+    size = 1
+    for d in (shape if isinstance(shape, (tuple, list)) else (shape,)):
+        size *= int(d)
+    if torch.device(device).type != "cpu" or size * dtype.itemsize < _HOST_BUFFER_BYTES or dtype not in _NUMPY_DTYPES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[dtype]))
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.int32: np.int32, torch.int64: np.int64}
+
+
+def _host_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _host_empty(shape, dtype, device).zero_()
 
 
 def _pixel_triangles(rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tensor, height: int,
@@ -306,7 +334,7 @@ def _pixel_triangles(rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tensor,
     minus = torch.cat([first[:, 1:].reshape(-1), torch.cat([none, first[:, :, :-1] + f[:, :, :-1]], 2).reshape(-1),
                        (first + 1 - f).reshape(-1)])
     rflat, cflat = rows.reshape(-1), cols.reshape(-1)
-    rp, rq, cp, cq = rflat[p], rflat[q], cflat[p], cflat[q]
+    rp, rq, cp, cq = rflat.index_select(0, p), rflat.index_select(0, q), cflat.index_select(0, p), cflat.index_select(0, q)
     dr = rq - rp
     down = dr > 0  # drawn upwards in the image: its sides swap
     top, bottom = torch.where(down, rp, rq), torch.where(down, rq, rp)
@@ -318,29 +346,54 @@ def _pixel_triangles(rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tensor,
     offset = torch.cumsum(count, 0)
     total = int(offset[-1])
     offset -= count
-    # Crossing k (k - offset[e] rows below first_row[e]) of edge e: at x = ctop + (row - top) * slope.
-    line = torch.stack([torch.where(down, cp, cq), first_row - top, slope])
-    pixel0 = ((p // (h * w)) * height + first_row.long() - offset) * width
-    edge = torch.repeat_interleave(count, output_size=total)
-    k = torch.arange(total, device=device)
-    local = (k - offset.index_select(0, edge)).double()
-    ctop, frac, slope = line.index_select(1, edge)
-    x = torch.addcmul(ctop, local.add_(frac), slope)
-    pixel = torch.add(pixel0.index_select(0, edge), k, alpha=width).add_(torch.ceil(x).clamp_(0, width - 1).long())
-    # Nothing is entered at the right border (x = W - 1: only zero-width triangles lie beyond).
-    marks = torch.zeros(n * height * width, dtype=torch.int32, device=device)
-    marks.index_add_(0, pixel, delta.index_select(0, edge) * (x < width - 1))
-    return torch.cumsum(marks.view(n * height, width), 1, dtype=torch.int32).view(-1)
+    # Per-crossing arithmetic in int32 where it fits: CPUs convert int32 <-> float64 in vector
+    # registers but int64 <-> float64 one element at a time (3x slower here).
+    index_dtype = torch.int32 if max(total + n * height, n * height * width) < _INT32_LIMIT else torch.int64
+    # Crossing k (global index; row first_row[e] + k - offset[e] of edge e) lies at
+    # x = ctop + (row - top) * slope = x0[e] + k * slope[e].
+    x0 = torch.addcmul(torch.where(down, cp, cq), first_row - top - offset, slope)
+    row0 = ((p // (h * w)) * height + first_row.long() - offset).to(index_dtype)  # + k: the crossing's image row
+    edge = torch.repeat_interleave(count.to(index_dtype), output_size=total)
+    k = torch.arange(total, device=device, dtype=index_dtype)
+    x = x0.index_select(0, edge).addcmul_(k.double(), slope.index_select(0, edge))
+    right_border = x >= width - 1  # nothing is entered there (only zero-width triangles lie beyond)
+    pixel = row0.index_select(0, edge).add_(k).mul_(width).add_(x.ceil_().clamp_(0, width - 1).to(index_dtype))
+    step = delta.index_select(0, edge).masked_fill_(right_border, 0)
+    marks = _host_zeros(n * height * width, torch.int32, device)
+    marks.index_add_(0, pixel, step)
+    owner = _host_empty((n * height, width), torch.int32, device)
+    return torch.cumsum(marks.view(n * height, width), 1, dtype=torch.int32, out=owner).view(-1)
 
 
-def _pixel_coordinates(n: int, height: int, width: int, device) -> torch.Tensor:
-    """(N*H*W) x 3 float32 rows (1, r', c'): the centred coordinates of every output pixel."""
-    base = torch.zeros(width, 3, device=device)
-    base[:, 0] = 1
-    base[:, 2] = torch.arange(width, device=device, dtype=torch.float32) - (width - 1) / 2
-    out = base.repeat(n * height, 1, 1)
-    out[..., 1] = (torch.arange(height, device=device, dtype=torch.float32) - (height - 1) / 2).repeat(n)[:, None]
-    return out.view(-1, 3)
+def _interpolate_planes(planes: torch.Tensor, owner: torch.Tensor, n: int, height: int, width: int,
+                        rows_per_chunk: int = 64) -> torch.Tensor:
+    """(N*H*W) x C: at every pixel, sum_j (1, r', c')_j x planes[j * T + owner - 1] (planes:
+    3T x C, r' and c' the centred coordinates).  One embedding_bag of 3 rows per pixel; where
+    nothing needs a gradient and the device is a CPU it runs over blocks of rows straight into a
+    huge-page output, with the index and coordinates of one block reused (small and cache-hot)."""
+    num_tri, c = planes.shape[0] // 3, planes.shape[1]
+    device = owner.device
+    shift = torch.tensor([-1, num_tri - 1, 2 * num_tri - 1], dtype=torch.int32, device=device)
+    chunked = device.type == "cpu" and not (torch.is_grad_enabled() and planes.requires_grad)
+    rows_per_chunk = rows_per_chunk if chunked else n * height
+    coords = torch.empty(rows_per_chunk, width, 3, device=device)
+    coords[..., 0] = 1
+    coords[..., 2] = torch.arange(width, device=device, dtype=torch.float32) - (width - 1) / 2
+    row_centre = (torch.arange(height, device=device, dtype=torch.float32) - (height - 1) / 2).repeat(n)
+    if not chunked:
+        coords[..., 1] = row_centre[:, None]
+        return F.embedding_bag(owner.view(-1, 1) + shift, planes, per_sample_weights=coords.view(-1, 3), mode="sum")
+    out = _host_empty((n * height * width, c), planes.dtype, device)
+    # flat int32 indices with int32 bag offsets: embedding_bag's fastest CPU kernel
+    offsets = torch.arange(0, 3 * rows_per_chunk * width, 3, dtype=torch.int32, device=device)
+    for start in range(0, n * height, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n * height)
+        block = coords[:stop - start]
+        block[..., 1] = row_centre[start:stop, None]
+        index = (owner[start * width:stop * width].view(-1, 1) + shift).view(-1)
+        out[start * width:stop * width] = F.embedding_bag(index, planes, offsets[:(stop - start) * width],
+                                                          per_sample_weights=block.view(-1), mode="sum")
+    return out
 
 
 def unsample(logits: torch.Tensor, locations: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
@@ -392,11 +445,7 @@ def unsample(logits: torch.Tensor, locations: torch.Tensor, out_size: Sequence[i
             planes = F.embedding_bag(triangles.int().repeat(3, 1), table, per_sample_weights=coef.view(-1, 3),
                                      mode="sum")
         with record_function("unsample/interpolate"):
-            with torch.no_grad():
-                index = owner.view(-1, 1) + torch.tensor([-1, num_tri - 1, 2 * num_tri - 1], dtype=torch.int32,
-                                                         device=owner.device)
-                coords = _pixel_coordinates(n, height, width, owner.device)
-            out = F.embedding_bag(index, planes, per_sample_weights=coords, mode="sum")
+            out = _interpolate_planes(planes, owner, n, height, width)
     return out.to(logits.dtype).view(n, height, width, c).permute(0, 3, 1, 2)
 
 

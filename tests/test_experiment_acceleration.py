@@ -96,6 +96,17 @@ def test_main_job_keeps_its_cpu_recipe_and_grows_batches_on_cuda(name, schema):
         assert gpu.train.images_per_batch * gpu.train.steps >= cpu.train.images_per_batch * cpu.train.steps
 
 
+def test_the_main_jobs_cuda_recipes_fit_its_dataset():
+    """Each CUDA batch must fit the main job's synthetic train split (the loaders drop the last,
+    short batch and refuse a split smaller than one batch): the regressor's first CUDA recipe
+    asked for 256 crops of a 100-image split and would have stopped the main job on any GPU."""
+    main = acc.load_config_for_device(ExperimentConfig, ["configs/synthetic.yaml"], [], cuda=True)
+    regressor = acc.load_config_for_device(RegressorConfig, ["configs/synthetic_regressor.yaml"], [], cuda=True)
+    train_images = main.data.synthetic.train
+    assert main.train.batch_size <= train_images
+    assert regressor.train.images_per_batch <= train_images
+
+
 def test_eval_autocast_auto_is_fp32_on_cuda_unless_measured_faster(monkeypatch):
     assert acc.resolve_eval_amp("auto", torch.device("cpu"), "ocrnet.AuxHRNet") is None
     assert acc.resolve_eval_amp("auto", torch.device("cuda"), "ocrnet.AuxHRNet") is None

@@ -422,3 +422,20 @@ def test_package_imports_nothing_of_ours():
                 continue
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_pixel_nll_in_row_blocks_on_a_cpu_equals_one_pass(monkeypatch):
+    """On a CPU the forward runs over blocks of rows (no full log-probability tensor): the NLL
+    and its gradient must be those of one log_softmax over the whole map (to float rounding:
+    a block's vectorised softmax may round the last bit differently)."""
+    import inverseform.loss as loss_module
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 23, 31, requires_grad=True)
+    target = torch.randint(0, 7, (2, 23, 31))
+    expected = -torch.log_softmax(logits, 1).gather(1, target[:, None]).squeeze(1)
+    monkeypatch.setattr(loss_module, "_CPU_CHUNK_ELEMENTS", 2 * 7 * 31 * 4)  # blocks of 4 rows, the last one 3
+    nll = loss_module.pixel_nll(logits, target)
+    torch.testing.assert_close(nll, expected.detach(), rtol=1e-6, atol=1e-6)
+    grad = torch.autograd.grad(nll.square().sum(), logits)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), logits)[0], rtol=1e-6, atol=1e-7)

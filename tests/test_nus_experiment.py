@@ -14,7 +14,7 @@ TINY = ["data.num_workers=0", "val.num_workers=0", "data.crop_size=64,64", "data
         "data.class_uniform_fraction=0", "model.arch=deeplabv3.MobileNetV2", "model.has_edge=false",
         "train.batch_size=2", "train.max_iters=2", "train.amp=off", "train.device=cpu", "val.batch_size=2",
         "nus.sampling_size=16,16", "nus.aux_steps=2", "nus.aux_batch_size=2", "nus.seg_width=0.35",
-        "nus.val_crop=64,64"]
+        "nus.val_crop=64,64", "nus.seeds=[]", "nus.processes=1"]
 
 
 def run(tiny_cityscapes, out, *extra):
@@ -73,3 +73,23 @@ def test_missing_aux_checkpoint_is_one_clear_error(tiny_cityscapes, tmp_path, ca
         run(tiny_cityscapes, tmp_path / "x", "nus.aux_checkpoint=/nonexistent/aux.pth")
     assert exit_info.value.code != 0
     assert "nus.aux_checkpoint" in capsys.readouterr().err
+
+
+def test_seeds_in_child_processes_equal_in_process_and_report_the_mean(tiny_cityscapes, tmp_path, capsys):
+    """nus.seeds runs the comparison once per seed and reports the mean; two child processes at
+    once give the same numbers as the seeds one after the other in this process."""
+    run(tiny_cityscapes, tmp_path / "serial", "nus.seeds=[0,1]", "nus.processes=1")
+    run(tiny_cityscapes, tmp_path / "parallel", "nus.seeds=[0,1]", "nus.processes=2")
+    printed = capsys.readouterr().out
+    assert "mean over seeds [0, 1]" in printed and "adaptive - uniform" in printed
+    serial = json.loads((tmp_path / "serial" / "comparison.json").read_text())
+    parallel = json.loads((tmp_path / "parallel" / "comparison.json").read_text())
+    per_seed = [json.loads((tmp_path / "parallel" / f"seed{s}" / "comparison.json").read_text()) for s in (0, 1)]
+    for key in ("uniform_miou", "adaptive_miou"):
+        assert parallel[key] == pytest.approx(serial[key], abs=1e-6)
+        assert parallel[key] == pytest.approx(sum(r[key] for r in per_seed) / 2)
+    assert parallel["margin_points"] == pytest.approx(
+        100 * sum(r["adaptive_miou"] - r["uniform_miou"] for r in per_seed) / 2)
+    assert parallel["seeds"] == [0, 1] and set(parallel["per_seed"]) == {"0", "1"}
+    assert (tmp_path / "parallel" / "seed1" / "console.txt").stat().st_size > 0
+    assert os.path.getsize(tmp_path / "parallel" / "sampling_grid.png") > 0

@@ -250,3 +250,25 @@ def test_unsample_rejects_tiny_grids_and_outputs():
         unsample(torch.zeros(1, 2, 1, 5), torch.zeros(1, 1, 5, 2), (10, 10))
     with pytest.raises(ValueError, match="at least 2 x 2"):
         unsample(torch.zeros(1, 2, 4, 4), uniform_grid((4, 4))[None], (1, 10))
+
+
+def test_unsample_fast_cpu_paths_equal_the_plain_ones(monkeypatch):
+    """Without a gradient the CPU interpolates blocks of 64 rows into a huge-page buffer, and the
+    scanlines index in int32: both must equal the one-shot autograd path and int64 indices, also
+    where a block spans two images of the batch (2 x 100 rows) and where buffers pass the numpy
+    threshold."""
+    import models.nus as nus
+
+    torch.manual_seed(3)
+    loc = resize_locations(normalize_locations(uniform_grid((8, 8))[None] + 0.03 * torch.randn(2, 8, 8, 2)),
+                           (24, 20))
+    logits = torch.randn(2, 6, 24, 20, requires_grad=True)
+    plain = unsample(logits, loc, (100, 130))  # needs a gradient: one embedding_bag, torch buffers
+    assert plain.requires_grad
+    with torch.no_grad():
+        blocked = unsample(logits, loc, (100, 130))
+        monkeypatch.setattr(nus, "_HOST_BUFFER_BYTES", 1)  # every buffer from numpy
+        monkeypatch.setattr(nus, "_INT32_LIMIT", 0)  # int64 scanline indices
+        numpy_int64 = unsample(logits, loc, (100, 130))
+    torch.testing.assert_close(blocked, plain.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(numpy_int64, blocked, atol=0, rtol=0)
