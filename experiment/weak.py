@@ -178,7 +178,7 @@ def run_comparison(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = 
     if cfg.weak.processes > 1 and not parallel:
         log.info("weak.processes=%d ignored: under torchrun every run uses all ranks", cfg.weak.processes)
     results: Dict[str, Any] = {}
-    if parallel:  # the DenseCRF run (the longest) first: the other two share the second process
+    if parallel:  # the DenseCRF run (the longest) first: with two processes the other two share the second
         order = ["densecrf"] + [name for name, _ in RUNS if name != "densecrf"]
         walls = run_children([ChildRun(dict(RUNS)[name], subs[name]) for name in order], cfg.weak.processes,
                              cfg.weak.cpu_threads, resume, overwrite, what="comparison run")
@@ -212,8 +212,8 @@ def run_comparison(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = 
         atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
         print(comparison_table(results))
         if parallel:
-            print(f"(the three runs trained at once, {cfg.weak.processes} child processes sharing the CPU: "
-                  "s/iteration is each run's share of it)")
+            print(f"(runs trained {min(cfg.weak.processes, len(RUNS))} at a time as child processes sharing the "
+                  "CPU: s/iteration is each run's share of it)")
         print(f"\nDenseCRF - pCE: {summary['densecrf_gain_points']:+.2f} mIoU points "
               f"(paper, VOC 2012: +3.6); written to {path}")
     return summary
