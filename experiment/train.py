@@ -157,6 +157,9 @@ def _train(cfg: ExperimentConfig, ctx: dist.DistContext, resume: Union[bool, str
     else:
         root, synthetic = dataset_root(cfg.data)
         ensure_regressor(cfg, ctx)
+        # seeded again: training the regressor here (a fresh checkout) draws from the same global
+        # generators, and the run must be the one a second run (regressor found) trains
+        seed_everything(cfg.train.seed + ctx.rank)
         train_data = train_dataset(cfg.data, root, seed=cfg.train.seed)
     # labels >= num_classes would be ignored, then validation fails (VOC: checked by experiment/weak.py)
     if cfg.model.num_classes != NUM_CLASSES and not (cfg.weak.enabled and cfg.weak.source == "voc"):
