@@ -44,7 +44,7 @@ from datasets import colorize
 from experiment.acceleration import place_model, to_device_images
 from experiment.common import (SHARED_FLAGS, Rank0Writer, UserError, autocast, flag_overrides,
                                script_main, script_parser)
-from experiment.children import ChildRun, run_children
+from experiment.children import ChildRun, run_children, use_children
 from experiment.config import ExperimentConfig
 from experiment.data import dataset_root, val_dataset
 from experiment.validation import build_model, denormalize, edge_image, write_png
@@ -197,9 +197,7 @@ def run_ablation(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = Fa
 
     check_config(cfg)
     a = cfg.ablation
-    parallel = a.processes > 1 and ctx.world_size == 1
-    if a.processes > 1 and not parallel:
-        log.info("ablation.processes=%d ignored: under torchrun every run uses all ranks", a.processes)
+    parallel = use_children(a.processes, ctx.world_size, "ablation.processes")
     runs = [(name, seed, variant_config(cfg, name, seed)) for seed in a.seeds for name in a.variants]
     todo = []
     for name, seed, sub in runs:

@@ -41,6 +41,14 @@ class ChildRun:
         return os.path.join(self.cfg.output_dir, "console.txt")
 
 
+def use_children(processes: int, world_size: int, key: str) -> bool:
+    """Whether ``processes`` (config key ``key``) asks for child processes that can be had:
+    only single-process jobs start them; under torchrun every run uses all ranks instead."""
+    if processes > 1 and world_size > 1:
+        log.info("%s=%d ignored: under torchrun every run uses all ranks", key, processes)
+    return processes > 1 and world_size == 1
+
+
 def last_line(path: str) -> str:
     """The last non-empty line of a console file (progress-bar carriage returns split lines)."""
     try:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from datasets import colorize
 from datasets.nus_targets import NUSTargets
-from experiment.children import ChildRun, run_children
+from experiment.children import ChildRun, run_children, use_children
 from experiment.common import Rank0Writer, UserError, autocast, resolve_amp, seed_everything
 from experiment.config import ExperimentConfig
 from experiment.data import dataset_root, eval_loader, train_dataset, train_loader, val_dataset
@@ -403,9 +403,7 @@ def run_seeds(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool) -> Dic
     os.makedirs(cfg.output_dir, exist_ok=True)
     if ctx.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    parallel = nus.processes > 1 and ctx.world_size == 1
-    if nus.processes > 1 and not parallel:
-        log.info("nus.processes=%d ignored: under torchrun every seed uses all ranks", nus.processes)
+    parallel = use_children(nus.processes, ctx.world_size, "nus.processes")
     if parallel:
         run_children([ChildRun(f"seed {seed}", sub, resume_file="config.yaml") for seed, sub in subs],
                      nus.processes, nus.cpu_threads, resume, what="NUS comparison")

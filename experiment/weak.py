@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD, Cityscapes, ScribbleCityscapes, TrainTransform, ValTransform
-from experiment.children import ChildRun, run_children
+from experiment.children import ChildRun, run_children, use_children
 from experiment.common import UserError
 from experiment.config import ExperimentConfig, LossConfig, WeakConfig
 from experiment.data import color_jitter, dataset_root
@@ -174,9 +174,7 @@ def run_comparison(cfg: ExperimentConfig, ctx: dist.DistContext, resume: bool = 
             section, field = key.split(".")
             setattr(getattr(sub, section), field, value)
         subs[name] = sub
-    parallel = cfg.weak.processes > 1 and ctx.world_size == 1
-    if cfg.weak.processes > 1 and not parallel:
-        log.info("weak.processes=%d ignored: under torchrun every run uses all ranks", cfg.weak.processes)
+    parallel = use_children(cfg.weak.processes, ctx.world_size, "weak.processes")
     results: Dict[str, Any] = {}
     if parallel:  # the DenseCRF run (the longest) first: with two processes the other two share the second
         order = ["densecrf"] + [name for name, _ in RUNS if name != "densecrf"]

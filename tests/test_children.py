@@ -1,5 +1,5 @@
 """experiment/children.py: what the parent reads from a child's console file."""
-from experiment.children import last_line, progress
+from experiment.children import last_line, progress, use_children
 
 
 def test_progress_reads_the_newest_bar_of_a_console(tmp_path):
@@ -21,3 +21,9 @@ def test_last_line_is_the_childs_error(tmp_path):
     console.write_text("train:  1%|1 | 3/480\rtrain:  1%|1 | 4/480\nerror: data.dataset_dir /x: no such directory\n\n")
     assert last_line(str(console)) == "error: data.dataset_dir /x: no such directory"
     assert last_line(str(tmp_path / "missing.txt")) == "no console output"
+
+
+def test_child_processes_only_for_single_process_jobs():
+    assert use_children(2, 1, "weak.processes")
+    assert not use_children(1, 1, "weak.processes")
+    assert not use_children(3, 2, "nus.processes")  # under torchrun every run uses all ranks
