@@ -2,23 +2,24 @@
 chosen device vs scipy's ``griddata(method="linear")`` (the reference's un-sampler) on the same
 points and values, with the share of pixels whose argmax agrees.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_nus.py [--device cuda] [--repeats 5] [--griddata-repeats 5]
-                                                     [--profile]
+    python benchmarks/bench_nus.py [--device cuda] [--threads 1,2] [--repeats 7] [--griddata-repeats 5]
+                                   [--warmup 10] [--profile]
 
 The sample grid is a learned-looking one: the regularised targets of a synthetic Cityscapes
 label map (datasets.nus_targets), resized to 192 x 192; logits are a noisy one-hot of the
 label sampled there (so the argmax comparison looks at real class boundaries).
 
-Memory pages matter on a CPU: the 80 MB float32 output is fresh memory every call, and on a
-virtual machine touching it page by page (4 KiB) can cost more than computing it.  numpy (hence
-griddata) asks the kernel for transparent huge pages by default; PyTorch does only when
-``THP_MEM_ALLOC_ENABLE=1`` is set before it starts, which is why ``unsample`` takes its large
-CPU buffers from numpy.  The un-sampler is timed twice, in two child processes, with
-PyTorch's default pages and with ``THP_MEM_ALLOC_ENABLE=1`` (they should now agree).  Both
-sides drop the previous result before the next call, as a validation loop does (griddata
-took 1.3-1.9x longer with its previous 160 MB result still alive), and both get one warm-up
-call.  Threads: both sides use what ``OMP_NUM_THREADS`` allows (scipy's griddata is
-single-threaded anyway).
+On a CPU the un-sampler is timed in one child process per thread count (``--threads``, by
+default 1 and every core), so each runs with its own ``OMP_NUM_THREADS``; scipy's griddata is
+single-threaded whatever the count.  Both sides get ``--warmup`` untimed calls first (10 by
+default: with two threads the first 3-7 calls of a fresh process took 40-70 ms against 25-28 ms
+after, all of it in writing the fresh output pages, which the virtual machine serves slowly until
+it has reused them a few times) and drop the previous result before the next call, as a
+validation loop does (griddata took 1.3-1.9x longer with its previous 160 MB result still alive).
+Memory pages matter too: the 80 MB float32 output is fresh memory every call, and on a virtual
+machine touching it in 4 KiB pages can cost more than computing it; ``unsample`` takes its large
+CPU buffers from numpy, which asks Linux for transparent huge pages (PyTorch's allocator does only
+with ``THP_MEM_ALLOC_ENABLE=1``, which this benchmark leaves as it finds it).
 ``--profile`` adds the split of one call (triangulate, rasterise, planes, interpolate).
 """
 import argparse
@@ -53,7 +54,7 @@ def make_case(size: int, grid: int, classes: int, seed: int = 0):
 
 
 def time_unsample(args, profile: bool = False):
-    """Median seconds of ``unsample`` over ``args.repeats`` calls after one warm-up, and the
+    """Median seconds of ``unsample`` over ``args.repeats`` calls after ``args.warmup`` more, and the
     output of the last call; with ``profile``, the split of one more call (ms per step)."""
     device = torch.device(args.device)
     _, locations, logits = make_case(args.size, args.grid, args.classes)
@@ -63,7 +64,10 @@ def time_unsample(args, profile: bool = False):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    out = unsample(logits_d, loc_d, (args.size, args.size))  # warm-up
+    out = None
+    for _ in range(max(args.warmup, 1)):
+        out = None
+        out = unsample(logits_d, loc_d, (args.size, args.size))
     sync()
     times = []
     for _ in range(args.repeats):
@@ -86,15 +90,27 @@ def time_unsample(args, profile: bool = False):
     return float(np.median(times)), out, split
 
 
-def child_times(args, huge_pages: bool):
-    """``time_unsample`` in a fresh process with ``THP_MEM_ALLOC_ENABLE`` set or cleared."""
-    env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1" if huge_pages else "0")
+def child_times(args, threads: int):
+    """``time_unsample`` in a fresh process with ``OMP_NUM_THREADS=threads``."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--device", args.device, "--size", str(args.size),
-           "--grid", str(args.grid), "--classes", str(args.classes), "--repeats", str(args.repeats)]
+           "--grid", str(args.grid), "--classes", str(args.classes), "--repeats", str(args.repeats),
+           "--warmup", str(args.warmup)]
     if args.profile:
         cmd.append("--profile")
     done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def thread_counts(text: str):
+    """``--threads``: comma-separated positive integers."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"--threads expects comma-separated positive integers, got {text!r}")
+    return counts
 
 
 def main() -> None:
@@ -103,7 +119,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--grid", type=int, default=192)
     parser.add_argument("--classes", type=int, default=19)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=thread_counts, default=sorted({1, os.cpu_count() or 1}),
+                        help="CPU thread counts to time the un-sampler with, e.g. 1,2 (default: 1 and every core)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=10, help="untimed calls first, on both sides")
     parser.add_argument("--griddata-repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="also print the split of one call")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -117,7 +136,7 @@ def main() -> None:
 
     label, locations, logits = make_case(args.size, args.grid, args.classes)
     if args.device == "cpu":
-        runs = {"PyTorch's default pages": child_times(args, False), "huge pages": child_times(args, True)}
+        runs = {f"{k} thread{'s' if k > 1 else ''}": child_times(args, k) for k in args.threads}
         out = unsample(logits, locations, (args.size, args.size))
     else:
         seconds, out, split = time_unsample(args, args.profile)
@@ -125,7 +144,11 @@ def main() -> None:
     points = locations[0].double().numpy().reshape(-1, 2) * (args.size - 1)
     values = logits[0].permute(1, 2, 0).reshape(-1, args.classes).numpy()
     pixels = np.stack(np.mgrid[:args.size, :args.size], -1).reshape(-1, 2)
-    ref_times, ref = [], griddata(points, values, pixels, method="linear")  # warm-up, as for unsample
+    ref = None
+    for _ in range(max(args.warmup, 1)):  # as for unsample
+        ref = None
+        ref = griddata(points, values, pixels, method="linear")
+    ref_times = []
     for _ in range(args.griddata_repeats):
         ref = None  # as above: with the previous 160 MB result still alive, griddata took 1.3-1.9x longer
         t0 = time.perf_counter()
@@ -135,16 +158,15 @@ def main() -> None:
     ref = ref.reshape(args.size, args.size, args.classes)
     valid = ~np.isnan(ref).any(-1)
     agree = (out[0].argmax(0).cpu().numpy() == ref.argmax(-1))[valid].mean()
-    threads = next(iter(runs.values()))["threads"]
     print(f"un-sampling {args.grid} x {args.grid} x {args.classes} logits to {args.size} x {args.size} "
-          f"(torch {torch.__version__} on {args.device} with {threads} thread{'s' if threads > 1 else ''}; "
-          f"scipy griddata single-threaded)")
+          f"(torch {torch.__version__} on {args.device}; scipy griddata single-threaded; "
+          f"{max(args.warmup, 1)} warm-up calls each)")
     for name, run in runs.items():
-        print(f"  models.nus.unsample, {name:<24} {run['seconds'] * 1e3:8.1f} ms per image (median of "
+        print(f"  models.nus.unsample, {name:<12} {run['seconds'] * 1e3:8.1f} ms per image (median of "
               f"{args.repeats})   {theirs / run['seconds']:5.1f} x faster than griddata")
         if run["split"]:
             print("      " + ", ".join(f"{k.split('/')[1]} {v:.1f} ms" for k, v in run["split"].items()))
-    print(f"  scipy griddata (linear, CPU){'':<19} {theirs * 1e3:8.1f} ms per image (median of "
+    print(f"  scipy griddata (linear, CPU){'':<7} {theirs * 1e3:8.1f} ms per image (median of "
           f"{args.griddata_repeats})")
     print(f"  argmax agreement {100 * agree:.3f} % of {int(valid.sum())} pixels "
           f"({int((~valid).sum())} outside griddata's hull)")

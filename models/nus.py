@@ -250,16 +250,23 @@ def _rasterise(points: torch.Tensor, cells: torch.Tensor, height: int,
     return cells.reshape(-1, 3).index_select(0, triangle.index_select(0, owner)), weights
 
 
-def _plane_coefficients(rows: torch.Tensor, cols: torch.Tensor, triangles: torch.Tensor, height: int,
+def _triangle_corners(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """3 x T: a per-point quantity ``x`` (N x h x w) at vertex k of every triangle, numbered as
+    :func:`_cell_triangles` numbers them, read from the grid's corner slices (no gather)."""
+    x00, x01, x10, x11 = x[:, :-1, :-1], x[:, :-1, 1:], x[:, 1:, :-1], x[:, 1:, 1:]
+    return torch.stack([torch.stack([x00, torch.where(flip, x01, x00)], -1),
+                        torch.stack([x01, x11], -1),
+                        torch.stack([torch.where(flip, x10, x11), x10], -1)]).view(3, -1)
+
+
+def _plane_coefficients(rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tensor, height: int,
                         width: int) -> Tuple[torch.Tensor, bool]:
     """Per triangle, its barycentric weights as planes over the image: coef (3 x T x 3, float32)
     with the weight of vertex k at pixel (r, c) equal to ``coef[0, t, k] + coef[1, t, k] * r'
     + coef[2, t, k] * c'`` in centred coordinates (r' = r - (H - 1) / 2, c' likewise: half the
     magnitude, so float32 keeps ~1e-5).  Degenerate (zero-area) triangles get 1/3 each.
     Also whether the grid folds over (some triangle turned the other way round)."""
-    tri = triangles.t().contiguous()  # 3 x T: vertex k of every triangle
-    r = rows.reshape(-1).index_select(0, tri.reshape(-1)).view(tri.shape)  # float64
-    c = cols.reshape(-1).index_select(0, tri.reshape(-1)).view(tri.shape)
+    r, c = _triangle_corners(rows, flip), _triangle_corners(cols, flip)  # 3 x T, float64
     e1r, e1c, e2r, e2c = r[1] - r[0], c[1] - c[0], r[2] - r[0], c[2] - c[0]
     area = e1r * e2c - e1c * e2r  # negative for every triangle of an unfolded grid
     folded = bool((area > 1e-9).any())
@@ -267,7 +274,7 @@ def _plane_coefficients(rows: torch.Tensor, cols: torch.Tensor, triangles: torch
     inv = torch.where(ok, area, torch.ones_like(area)).reciprocal() * ok
     e1r, e1c, e2r, e2c, inv = (v.float() for v in (e1r, e1c, e2r, e2c, inv))
     r0, c0 = (r[0] - (height - 1) / 2).float(), (c[0] - (width - 1) / 2).float()
-    coef = torch.empty(3, 3, tri.shape[1], device=rows.device)  # (constant, r', c') x vertex k x T
+    coef = torch.empty(3, 3, r.shape[1], device=rows.device)  # (constant, r', c') x vertex k x T
     torch.mul(e2c, inv, out=coef[1, 1])
     torch.mul(e2r, inv, out=coef[2, 1]).neg_()
     torch.mul(e1c, inv, out=coef[1, 2]).neg_()
@@ -373,7 +380,10 @@ def _interpolate_planes(planes: torch.Tensor, owner: torch.Tensor, n: int, heigh
     huge-page output, with the index and coordinates of one block reused (small and cache-hot)."""
     num_tri, c = planes.shape[0] // 3, planes.shape[1]
     device = owner.device
-    shift = torch.tensor([-1, num_tri - 1, 2 * num_tri - 1], dtype=torch.int32, device=device)
+
+    def plane_rows(pixel_owner: torch.Tensor) -> torch.Tensor:  # pixels x 3 (a stack beats a broadcast add)
+        return torch.stack([pixel_owner - 1, pixel_owner + (num_tri - 1), pixel_owner + (2 * num_tri - 1)], 1)
+
     chunked = device.type == "cpu" and not (torch.is_grad_enabled() and planes.requires_grad)
     rows_per_chunk = rows_per_chunk if chunked else n * height
     coords = torch.empty(rows_per_chunk, width, 3, device=device)
@@ -382,7 +392,7 @@ def _interpolate_planes(planes: torch.Tensor, owner: torch.Tensor, n: int, heigh
     row_centre = (torch.arange(height, device=device, dtype=torch.float32) - (height - 1) / 2).repeat(n)
     if not chunked:
         coords[..., 1] = row_centre[:, None]
-        return F.embedding_bag(owner.view(-1, 1) + shift, planes, per_sample_weights=coords.view(-1, 3), mode="sum")
+        return F.embedding_bag(plane_rows(owner), planes, per_sample_weights=coords.view(-1, 3), mode="sum")
     out = _host_empty((n * height * width, c), planes.dtype, device)
     # flat int32 indices with int32 bag offsets: embedding_bag's fastest CPU kernel
     offsets = torch.arange(0, 3 * rows_per_chunk * width, 3, dtype=torch.int32, device=device)
@@ -390,7 +400,7 @@ def _interpolate_planes(planes: torch.Tensor, owner: torch.Tensor, n: int, heigh
         stop = min(start + rows_per_chunk, n * height)
         block = coords[:stop - start]
         block[..., 1] = row_centre[start:stop, None]
-        index = (owner[start * width:stop * width].view(-1, 1) + shift).view(-1)
+        index = plane_rows(owner[start * width:stop * width]).view(-1)
         out[start * width:stop * width] = F.embedding_bag(index, planes, offsets[:(stop - start) * width],
                                                           per_sample_weights=block.view(-1), mode="sum")
     return out
@@ -428,7 +438,7 @@ def unsample(logits: torch.Tensor, locations: torch.Tensor, out_size: Sequence[i
         rows, cols = loc[..., 0] * (height - 1), loc[..., 1] * (width - 1)
         flip = _delaunay_flip(rows, cols)
         triangles = _cell_triangles(flip).view(-1, 3)
-        coef, folded = _plane_coefficients(rows, cols, triangles, height, width)
+        coef, folded = _plane_coefficients(rows, cols, flip, height, width)
     num_tri = triangles.shape[0]
     if not folded:
         with torch.no_grad(), record_function("unsample/rasterise"):

@@ -272,3 +272,24 @@ def test_unsample_fast_cpu_paths_equal_the_plain_ones(monkeypatch):
         numpy_int64 = unsample(logits, loc, (100, 130))
     torch.testing.assert_close(blocked, plain.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(numpy_int64, blocked, atol=0, rtol=0)
+
+
+def test_bench_nus_runs_and_checks_its_thread_counts():
+    """The benchmark runs end to end on a small case (one child process per thread count, the
+    griddata side, the argmax agreement) and refuses a bad ``--threads`` in one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_nus.py"
+    small = ["--device", "cpu", "--size", "96", "--grid", "12", "--repeats", "1", "--warmup", "1",
+             "--griddata-repeats", "1"]
+    done = subprocess.run([sys.executable, str(script), *small, "--threads", "1,2"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "1 thread " in done.stdout and "2 threads" in done.stdout and "scipy griddata" in done.stdout
+    agreement = float(done.stdout.split("argmax agreement")[1].split("%")[0])
+    assert agreement >= 99.5
+    bad = subprocess.run([sys.executable, str(script), *small, "--threads", "1,zero"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "--threads expects comma-separated positive integers, got '1,zero'" in bad.stderr
