@@ -64,7 +64,6 @@ def time_unsample(args, profile: bool = False):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    out = None
     for _ in range(max(args.warmup, 1)):
         out = None
         out = unsample(logits_d, loc_d, (args.size, args.size))
@@ -144,7 +143,6 @@ def main() -> None:
     points = locations[0].double().numpy().reshape(-1, 2) * (args.size - 1)
     values = logits[0].permute(1, 2, 0).reshape(-1, args.classes).numpy()
     pixels = np.stack(np.mgrid[:args.size, :args.size], -1).reshape(-1, 2)
-    ref = None
     for _ in range(max(args.warmup, 1)):  # as for unsample
         ref = None
         ref = griddata(points, values, pixels, method="linear")
