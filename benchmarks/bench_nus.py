@@ -13,7 +13,7 @@ On a CPU the un-sampler is timed in one child process per thread count (``--thre
 default 1 and every core), so each runs with its own ``OMP_NUM_THREADS``; scipy's griddata is
 single-threaded whatever the count.  Both sides get ``--warmup`` untimed calls first (10 by
 default: with two threads the first 3-7 calls of a fresh process took 40-70 ms against 25-28 ms
-after, all of it in writing the fresh output pages, which the virtual machine serves slowly until
+after, most of it in writing the fresh output pages, which the virtual machine serves slowly until
 it has reused them a few times) and drop the previous result before the next call, as a
 validation loop does (griddata took 1.3-1.9x longer with its previous 160 MB result still alive).
 Memory pages matter too: the 80 MB float32 output is fresh memory every call, and on a virtual
