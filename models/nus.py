@@ -26,6 +26,7 @@ uniform grid has its corners at 0 and 1 (align-corners).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -294,19 +295,15 @@ def _plane_coefficients(rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tens
 # asks Linux for transparent huge pages on large arrays, so the big CPU buffers come from numpy.
 _HOST_BUFFER_BYTES = 1 << 22
 _INT32_LIMIT = 2 ** 31  # per-crossing and pixel indices in int32 below it
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.int32: np.int32, torch.int64: np.int64}
 
 
 def _host_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.empty, backed by a numpy array (transparent huge pages) for large CPU buffers."""
-    size = 1
-    for d in (shape if isinstance(shape, (tuple, list)) else (shape,)):
-        size *= int(d)
+    size = math.prod(shape) if isinstance(shape, (tuple, list)) else int(shape)
     if torch.device(device).type != "cpu" or size * dtype.itemsize < _HOST_BUFFER_BYTES or dtype not in _NUMPY_DTYPES:
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[dtype]))
-
-
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.int32: np.int32, torch.int64: np.int64}
 
 
 def _host_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
