@@ -13,7 +13,7 @@ scripts then use the checkout itself.
 
 PyTorch is deliberately left to the user's choice of build: on a CPU-only
 machine ``pip install torch==2.13.0 -e .`` takes the CPU wheel; on a GPU
-machine install a CUDA build first (see README, "Set-up"), and the range below
+machine install a CUDA build first (see README, "GPU set-up"), and the range below
 accepts it without pulling another copy.
 """
 import os

@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from experiment.common import autocast  # noqa: E402
+from experiment.runtime import autocast  # noqa: E402
 from experiment.config import LossConfig  # noqa: E402
-from experiment.losses import SegmentationObjective  # noqa: E402
+from experiment.methods.segmentation import SegmentationObjective  # noqa: E402
 from inverseform import InverseFormLoss, InverseNet  # noqa: E402
 from models import get_net  # noqa: E402
 

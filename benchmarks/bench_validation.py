@@ -34,11 +34,12 @@ import models  # noqa: E402
 from datasets import Cityscapes, ValTransform  # noqa: E402
 from datasets.synthetic import ensure_synthetic  # noqa: E402
 from experiment.acceleration import compile_model, place_model, to_device_images  # noqa: E402
-from experiment.common import Rank0Writer, autocast, resolve_amp  # noqa: E402
+from experiment.runtime import Rank0Writer, autocast, resolve_amp  # noqa: E402
 from experiment.config import LossConfig  # noqa: E402
 from experiment.data import eval_loader  # noqa: E402
-from experiment.losses import joint_loss  # noqa: E402
-from experiment.validation import PredictionDumper, evaluate  # noqa: E402
+from experiment.joint_loss import joint_loss  # noqa: E402
+from experiment.evaluation import evaluate
+from experiment.pictures import PredictionDumper  # noqa: E402
 from inverseform import InverseFormLoss, InverseNet  # noqa: E402
 from utils.metrics import (boundary_accuracy, boundary_accuracy_batch, boundary_f_counts,  # noqa: E402
                            boundary_f_counts_batch, confusion_matrix)
@@ -167,7 +168,7 @@ def main(argv=None):
     m = time_metrics(loader, device)
     print(f"boundary metrics + confusion matrix per image: {m['batched'][0]:.1f} ms ({m['batched'][1]:.1f} ms CPU) "
           f"batched on {device} vs {m['oracle'][0]:.1f} ms ({m['oracle'][1]:.1f} ms CPU) for the per-image "
-          f"numpy/OpenCV oracle (the loop before issue 11)")
+          f"numpy/OpenCV oracle")
     amps = ("off", "bf16") if args.amp == "both" else (args.amp,)
     torch.manual_seed(0)
     arch_net = None if args.skip_arch else place_model(models.get_net(args.arch, has_edge=True).eval(), device)

@@ -2,8 +2,8 @@
 
 Why: a sample is a pure function of (seed, epoch, index) (see ``datasets/cityscapes.py``),
 but the epoch lives in the dataset object, and persistent workers keep the copy they were
-started with - so ``dataset.set_epoch(e)`` in the main process never reaches them, which is
-why workers used to be re-created every epoch (a stall at each epoch start).  Here the
+started with - so ``dataset.set_epoch(e)`` in the main process never reaches them, and
+re-creating the workers every epoch stalls each epoch's start.  Here the
 sampler's indices carry their epoch, ``(epoch, index)``, and the dataset wrapper switches its
 worker-local copy to that epoch before loading: the stream is the same whatever the workers
 are, so exact resume (``DistributedTrainSampler.set_start``) keeps working.

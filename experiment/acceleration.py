@@ -7,30 +7,23 @@
   model; for evaluation the fixed-size batches are padded to the loader's batch size, so the
   last, shorter batch does not trigger a recompile.  Checkpoints are always written from the
   plain module (``unwrap``), never with ``_orig_mod.`` keys.
-* ``cuda_overrides`` of a config: on CUDA, settings that size the run for the GPU (larger
-  batches, more loader workers), applied before the command line's ``--opt``s; the CPU run
-  never sees them (:func:`load_config_for_device`).
 * evaluation autocast ``auto``: bf16 only where it was measured to be at least as fast as
   fp32 (see ``EVAL_BF16_AUTO``); training keeps ``train.amp`` (auto: bf16 on CUDA).
 """
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Type, TypeVar, Union
+from typing import Dict, Optional
 
 import torch
 
-from experiment.common import resolve_amp
-from experiment.config import COMPILE_MODES, _compile_mode  # noqa: F401  (COMPILE_MODES re-exported)
-from experiment.paths import load_run_config
-
-T = TypeVar("T")
+from experiment.config import normalise_compile_mode
+from experiment.runtime import resolve_amp
 
 log = logging.getLogger("experiment")
 
 
-# Eval forward on one H100 (issue 11, 1024 x 2048, batch 1, eager): bf16 autocast was slower than
+# Eval forward on one H100 (1024 x 2048, batch 1, eager): bf16 autocast was slower than
 # fp32 (TF32 convolutions) for every arch measured - HRNet-18 29.5 vs 21.1 ms, OCRNet-48 68.8 vs
 # 48.2 ms - so `val.amp=auto` evaluates in fp32 on CUDA unless an arch is listed here.  Re-measure
 # with `python benchmarks/bench_validation.py --device cuda --amp both` and list the archs
@@ -40,7 +33,7 @@ EVAL_BF16_AUTO: Dict[str, bool] = {}
 
 def compile_mode(value) -> str:
     """Normalise a ``compile`` setting (YAML turns a bare `on`/`off` into a boolean)."""
-    return _compile_mode(value, "compile")
+    return normalise_compile_mode(value, "compile")
 
 
 def use_channels_last(device: torch.device) -> bool:
@@ -116,25 +109,3 @@ def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     padded = torch.cat([images, images[-1:].expand(missing, *images.shape[1:])])
     return padded.contiguous(memory_format=memory_format(images.device))
-
-
-def will_use_cuda(device_setting: str) -> bool:
-    """Whether a run with ``train.device`` = ``device_setting`` will be on CUDA (as
-    utils.dist.init_distributed decides: 'auto' means CUDA when available)."""
-    return device_setting == "cuda" or (device_setting == "auto" and torch.cuda.is_available())
-
-
-def load_config_for_device(cls: Type[T], specs: Sequence[Union[str, os.PathLike]], overrides: Sequence[str] = (),
-                           defaults: Optional[Mapping[str, Any]] = None, cuda: Optional[bool] = None) -> T:
-    """``load_run_config``, plus the config's ``cuda_overrides`` when the run will be on CUDA
-    (``cuda``: None to decide from ``train.device``).  Order: files, CUDA overrides, then
-    ``overrides`` (the command line), so an explicit ``--opt`` still wins;
-    ``--opt cuda_overrides=[]`` switches them off."""
-    cfg = load_run_config(cls, specs, overrides, defaults=defaults)
-    extra = list(getattr(cfg, "cuda_overrides", None) or [])
-    if cuda is None:
-        cuda = will_use_cuda(cfg.train.device)
-    if not extra or not cuda:
-        return cfg
-    log.info("CUDA run: applying cuda_overrides %s", " ".join(extra))
-    return load_run_config(cls, specs, extra + list(overrides), defaults=defaults)

@@ -12,9 +12,10 @@ from torch.utils.data import DataLoader, Subset
 from datasets import Cityscapes, DistributedEvalSampler, DistributedTrainSampler, TrainTransform, ValTransform
 from datasets import ensure_synthetic, resolve_root
 from datasets.epoch_aware import EpochAwareDataset, EpochIndexSampler
-from experiment.common import UserError, on_main_first
-from experiment.run_safety import ignore_stop_signals
 from experiment.config import DataConfig
+from experiment.errors import UserError
+from experiment.runtime import on_main_first
+from experiment.signals import ignore_stop_signals
 
 log = logging.getLogger("experiment")
 
@@ -94,7 +95,7 @@ def train_loader(dataset, batch_size: int, num_workers: int, seed: int, collate_
 
 def eval_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
     """Contiguous shards, no padding: every image is evaluated exactly once across ranks.
-    Persistent workers: train.py's periodic validations reuse them instead of re-forking."""
+    Persistent workers: a training run's periodic validations reuse them instead of re-forking."""
     sampler = DistributedEvalSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       worker_init_fn=ignore_stop_signals,

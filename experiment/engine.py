@@ -1,39 +1,181 @@
-"""Training plumbing shared by train.py and train_inverseform.py: the learning-rate schedule,
-RNG state capture, checkpoints written atomically and read back safely, and the batch
-stream that resumes exactly where a run stopped."""
+"""The training engine: the one loop every training run goes through.
+
+A method (experiment/methods/) turns its config into a :class:`Task`: its data, its model,
+its step's loss, what it optimises, how it evaluates.  :func:`fit` owns everything else, the
+same for every method:
+
+* the run directory: an earlier run is refused unless resumed or ``--overwrite``
+  (experiment/run_dir.py); ``config.yaml``, ``train_log.jsonl``, TensorBoard, a progress bar;
+* device placement (channels_last on CUDA), DistributedDataParallel, ``torch.compile``;
+* the optimizer and the poly schedule, autocast and the gradient scaler;
+* a finite check of every loss before the optimizer step, and of the weights before any save;
+* SIGTERM/SIGUSR1: every rank stops after the same iteration with a checkpoint;
+* ``last.pth`` (every epoch or ``checkpoint_interval`` iterations) and ``best.pth``, written
+  atomically with every rank's RNG states: ``--resume`` continues exactly as the uninterrupted
+  run would, or is refused naming the settings that differ (experiment/checkpoints.py);
+* periodic and final validation with the task's own evaluation.
+"""
 from __future__ import annotations
 
-import contextlib
-import json
+import dataclasses
 import logging
 import math
 import os
-import random
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from experiment.common import StopRequested, UserError  # noqa: F401  (StopRequested: re-exported)
+from experiment.acceleration import compile_model, place_model
+from experiment.checkpoints import (RESUME_MAY_CHANGE, check_resume, checkpoint_status, load_training_checkpoint,
+                                    rng_state, save_training_checkpoint, set_rng_state, state_is_finite_everywhere)
+from experiment.errors import NonFiniteLossError, NonFiniteWeightsError, StopRequested, UserError
+from experiment.evaluation import write_metrics
+from experiment.history import History
+from experiment.run_dir import TRAINING, Outputs, claim_output_dir, remove_stale_temporaries
+from experiment.runtime import Rank0Writer, autocast, on_main_first, resolve_amp, seed_everything
+from experiment.schedule import batch_stream, iterations_per_epoch, poly_with_warmup
+from experiment.signals import StopSignal
 from utils import dist
-from utils.io import atomic_torch_save, atomic_write_text
+from utils.config import config_to_dict, save_config
 
-log = logging.getLogger("experiment")
+log = logging.getLogger("experiment.engine")
 
-
-class NonFiniteLossError(UserError, RuntimeError):
-    """The loss became NaN or infinite: training stops before the weights are touched."""
-
-
-class NonFiniteWeightsError(UserError, RuntimeError):
-    """Weights (or a checkpoint's tensors) hold NaN or Inf: never saved, never evaluated."""
+Batch = Dict[str, Any]
+StepOutput = Tuple[torch.Tensor, Dict[str, torch.Tensor], Any]  # loss, detached components, model outputs
 
 
-def checkpoint_status(path: str) -> str:
-    """What is on disk at ``path``, for messages that must be true ("... is intact")."""
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What a task's step may need besides the model and the batch."""
+    iteration: int
+    epoch: int
+    amp: Callable[[], Any]   # the run's autocast context
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimizer and its poly schedule with linear warm-up."""
+    kind: str = "sgd"             # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9         # sgd
+    weight_decay: float = 0.0
+    nesterov: bool = False        # sgd
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    warmup_factor: float = 0.1    # the learning rate starts at lr * warmup_factor
+
+    @classmethod
+    def from_config(cls, optim, **changes: Any) -> "OptimizerSpec":
+        """SGD from an ``optim`` section (experiment.config.OptimConfig), with ``changes``."""
+        spec = cls(kind="sgd", lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                   nesterov=optim.nesterov, poly_power=optim.poly_power, warmup_iters=optim.warmup_iters,
+                   warmup_factor=optim.warmup_factor)
+        return dataclasses.replace(spec, **changes)
+
+    def build(self, params: List[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if self.kind == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                   nesterov=self.nesterov)
+        if self.kind == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        raise ValueError(f"optimizer kind must be sgd or adamw, got {self.kind!r}")
+
+
+def _no_extra_state() -> Dict[str, Any]:
+    return {}
+
+
+@dataclasses.dataclass
+class Task:
+    """What a method hands the engine for one run.
+
+    ``step(model, batch, info)`` returns the loss, its detached components (logged, checked) and
+    the model's outputs; ``model`` is the trained module as wrapped (DDP, compile), ``info`` a
+    :class:`StepInfo`.  ``evaluate(eval_model, iteration, final, writer)`` returns metrics
+    (identical on every rank).  ``report(metrics)`` runs on rank 0 after the final validation
+    (the method's tables and files)."""
+    model: torch.nn.Module
+    loader: Any
+    step: Callable[[torch.nn.Module, Batch, StepInfo], StepOutput]
+    optimizer: OptimizerSpec
+    total: int
+    samples_per_batch: int
+    describe: str = ""
+    name: str = "train"                       # the progress bar's label
+    parameters: Optional[List[torch.nn.Parameter]] = None       # default: the model's, requiring grad
+    evaluate: Optional[Callable[..., Dict[str, Any]]] = None
+    best_metric: Optional[str] = None         # best.pth keeps the highest value of this metric
+    val_interval: int = 0                     # epochs between validations (0: only at the end)
+    checkpoint_interval: int = 0              # iterations between last.pth writes (0: every epoch's end)
+    find_unused_parameters: bool = False
+    fields: Dict[str, Any] = dataclasses.field(default_factory=dict)  # stored, and compared on resume
+    extra_state: Callable[[], Dict[str, Any]] = _no_extra_state        # method state in checkpoints
+    load_extra_state: Optional[Callable[[Mapping[str, Any]], None]] = None
+    log_images: Optional[Callable[[Rank0Writer, Batch, Any, int], None]] = None
+    metrics_line: Optional[Callable[[Dict[str, Any]], str]] = None
+    report: Optional[Callable[[Dict[str, Any]], None]] = None
+    resume_may_change: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- fit
+def fit(cfg, ctx: dist.DistContext, build: Callable[[Any, dist.DistContext], Task], *,
+        prepare: Optional[Callable[[Any, dist.DistContext], None]] = None,
+        resume: Union[bool, str, None] = False, stop_after: Optional[int] = None, overwrite: bool = False,
+        outputs: Outputs = TRAINING) -> Tuple[Dict[str, Any], torch.nn.Module]:
+    """Train the task that ``build(cfg, ctx)`` makes; return the final validation metrics
+    (identical on every rank; empty when stopped early by ``stop_after``) and the trained
+    network (without its wrappers).
+
+    ``cfg`` has ``output_dir`` and a ``train`` section of experiment.config.RunConfig's fields.
+    ``resume``: True (or "") continues OUTPUT_DIR/last.pth, a path continues that checkpoint,
+    "auto" continues OUTPUT_DIR/last.pth when it exists and starts anew otherwise.
+    ``prepare(cfg, ctx)`` runs after the directory is claimed and before the run is seeded
+    (files the run needs, e.g. a regressor trained first).  SIGTERM/SIGUSR1 end the run after the
+    current iteration with a checkpoint on every rank (StopRequested)."""
+    stop = StopSignal()
+    with stop.installed():
+        last_path = os.path.join(cfg.output_dir, "last.pth")
+        resume_path = _resume_path(resume, last_path, cfg.output_dir)
+        resuming_here = resume_path is not None and os.path.abspath(resume_path) == os.path.abspath(last_path)
+
+        def claim() -> None:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            claim_output_dir(cfg.output_dir, outputs, overwrite=overwrite, resuming_here=resuming_here)
+            remove_stale_temporaries(cfg.output_dir)
+
+        on_main_first(claim)
+        _set_determinism(cfg.train.deterministic, ctx.device)
+        if prepare is not None:
+            prepare(cfg, ctx)
+        seed_everything(cfg.train.seed + ctx.rank)
+        trainer = Trainer(cfg, ctx, build(cfg, ctx), stop)
+        trainer.restore(resume_path, resuming_here)
+        if ctx.is_main:  # after the resume checks: a refused resume leaves the run's config.yaml alone
+            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        return trainer.run(stop_after), trainer.net
+
+
+def _resume_path(resume: Union[bool, str, None], last_path: str, output_dir: str) -> Optional[str]:
+    if resume is None or resume is False:
+        return None
+    if resume == "auto":
+        return last_path if os.path.isfile(last_path) else None
+    path = last_path if resume is True or resume == "" else str(resume)
     if not os.path.isfile(path):
-        return f"no checkpoint was written yet ({path} does not exist)"
-    return f"the last checkpoint {path} is intact"
+        raise UserError(f"cannot resume: checkpoint {path} does not exist"
+                        + ("" if os.path.exists(output_dir) else f" (no directory {output_dir})"))
+    return path
+
+
+def _set_determinism(deterministic: bool, device: torch.device) -> None:
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def check_finite(losses: Mapping[str, torch.Tensor], iteration: int, epoch: int, checkpoint_path: str,
@@ -57,178 +199,201 @@ def check_finite(losses: Mapping[str, torch.Tensor], iteration: int, epoch: int,
                              f"training stopped before the optimizer step, {checkpoint_status(checkpoint_path)}")
 
 
-def first_non_finite(tensors: Mapping[str, Any]) -> Optional[str]:
-    """Name of the first floating-point tensor of ``tensors`` holding NaN or Inf (None if all
-    are finite); one reduction per tensor, one host sync in all."""
-    names = [k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
-    if not names:
-        return None
-    sums = torch.stack([tensors[k].detach().float().sum() for k in names])
-    finite = torch.isfinite(sums)
-    if bool(finite.all()):
-        return None
-    for name, ok in zip(names, finite.tolist()):
-        if not ok and not bool(torch.isfinite(tensors[name]).all()):
-            return name
-    return None  # only a sum overflowed: the values themselves are finite
+# ----------------------------------------------------------------------------- the loop
+class Trainer:
+    """One run of a task: built by :func:`fit`, which restores its state and runs it."""
 
+    def __init__(self, cfg, ctx: dist.DistContext, task: Task, stop: StopSignal):
+        self.cfg, self.ctx, self.task, self.stop = cfg, ctx, task, stop
+        self.device = ctx.device
+        self.amp_dtype = resolve_amp(cfg.train.amp, self.device)
+        self.last_path = os.path.join(cfg.output_dir, "last.pth")
+        self.best_path = os.path.join(cfg.output_dir, "best.pth")
+        self.net = place_model(task.model, self.device)  # channels_last on CUDA
+        model = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda"
+                                        else None, find_unused_parameters=task.find_unused_parameters) \
+            if ctx.distributed else self.net
+        # --compile: the training step's model and, separately, the eval forward; checkpoints are
+        # written from `net`, the plain module (no `_orig_mod.` keys).
+        self.model = compile_model(model, cfg.train.compile)
+        self.eval_model = compile_model(self.net, cfg.train.compile)
+        params = task.parameters if task.parameters is not None else list(self.net.parameters())
+        self.optimizer = task.optimizer.build([p for p in params if p.requires_grad])
+        spec = task.optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, poly_with_warmup(task.total, spec.poly_power, spec.warmup_iters, spec.warmup_factor))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.per_epoch = iterations_per_epoch(task.loader)
+        self.start, self.best = 0, -math.inf
+        self.writer: Rank0Writer = Rank0Writer("", False)
 
-class History:
-    """``train_log.jsonl``: one JSON line per logged interval (rank 0 only), appended across
-    resumes.  A run resumed at iteration ``start`` first drops the lines after ``start`` that an
-    interrupted run wrote past its last checkpoint, so each iteration appears once, and a last
-    line that a kill cut in half (said in the log); a damaged line elsewhere is an error."""
+    def amp(self):
+        return autocast(self.device, self.amp_dtype)
 
-    def __init__(self, path: str, enabled: bool, start: Optional[int] = None):
-        self.path, self.enabled = path, enabled
-        if enabled and start is not None and os.path.exists(path):  # start None: append as it is
-            with open(path, encoding="utf-8", errors="replace") as f:
-                lines = [line for line in f if line.strip()]
-            records, torn = [], False
-            for number, line in enumerate(lines, 1):
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    if number < len(lines):
-                        raise UserError(f"{path}, line {number}: not a JSON record ({exc}); repair or remove "
-                                        "the line, or start a new run in another --output_dir") from exc
-                    log.warning("%s: dropping its torn last line (cut by an interrupted write): %r",
-                                path, line.rstrip("\n")[:80])
-                    torn = True
-            kept = [line if line.endswith("\n") else line + "\n"
-                    for line, record in zip(lines, records) if record.get("iteration", 0) <= start]
-            if torn or len(kept) != len(records):
-                atomic_write_text(path, "".join(kept))
+    # -- state
+    def restore(self, path: Optional[str], resuming_here: bool) -> None:
+        self.resuming_here = resuming_here
+        if path is None:
+            return
+        state = load_training_checkpoint(path)
+        notices = check_resume(state, path, config_to_dict(self.cfg), world_size=self.ctx.world_size,
+                               iterations_per_epoch=self.per_epoch, total_iterations=self.task.total,
+                               model_fields=self.task.fields,
+                               may_change={**RESUME_MAY_CHANGE, **self.task.resume_may_change})
+        try:
+            self.net.load_state_dict(state["state_dict"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.task.load_extra_state is not None:
+                self.task.load_extra_state(state)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise UserError(f"checkpoint {path} does not fit this model/optimizer: "
+                            f"{str(exc).strip().splitlines()[0]}") from exc
+        set_rng_state(state["rng"][self.ctx.rank])
+        self.start = int(state["iteration"])
+        self.best = float(state.get(self._best_key(), -math.inf))
+        for line in notices:
+            log.info("resume: %s", line)
+        log.info("resumed from %s at iteration %d/%d (epoch %d): it continues exactly as the uninterrupted run",
+                 path, self.start, self.task.total, state.get("epoch", self.start // self.per_epoch))
 
-    def write(self, record: Mapping[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(dict(record)) + "\n")
+    def _best_key(self) -> str:
+        return f"best_{self.task.best_metric or 'metric'}"
 
+    def checkpoint(self, path: str, iteration: int, epoch: int, metrics: Optional[Dict[str, Any]] = None) -> None:
+        bad = state_is_finite_everywhere(self.net.state_dict(), self.device)
+        if bad is not None:  # never replace a good checkpoint with a poisoned one
+            raise NonFiniteWeightsError(
+                f"weights hold NaN or Inf at iteration {iteration} ({bad}): {path} was not written; "
+                f"{checkpoint_status(self.last_path)}. Lower the learning rate or check the data")
+        rngs = dist.all_gather_object(rng_state())
+        if self.ctx.is_main:
+            save_training_checkpoint(path, {
+                "state_dict": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": epoch, "iteration": iteration, "rng": rngs, self._best_key(): self.best,
+                **self.task.fields, "config": config_to_dict(self.cfg), "iterations_per_epoch": self.per_epoch,
+                "total_iterations": self.task.total, "metrics": metrics or {}, **self.task.extra_state()})
 
-# ----------------------------------------------------------------------------- schedule
-def poly_with_warmup(total_iters: int, power: float, warmup_iters: int = 0,
-                     warmup_factor: float = 0.1) -> Callable[[int], float]:
-    """Multiplier of the base learning rate at iteration ``it`` (for LambdaLR):
-    (1 - it / total) ** power, ramped linearly from ``warmup_factor`` during warm-up."""
-    if total_iters < 1:
-        raise ValueError(f"total_iters must be >= 1, got {total_iters}")
+    # -- validation
+    def validate(self, iteration: int, epoch: int, final: bool = False) -> Dict[str, Any]:
+        if self.task.evaluate is None:
+            metrics: Dict[str, Any] = {}
+        else:
+            metrics = self.task.evaluate(self.eval_model, iteration, final, self.writer)
+        metrics.update(iteration=iteration, epoch=epoch)
+        if self.task.evaluate is not None and self.ctx.is_main:
+            write_metrics(metrics, self.writer, self.cfg.output_dir, iteration,
+                          filename=f"metrics_iter{iteration:07d}.json")
+            if self.task.metrics_line is not None:
+                log.info("validation at iteration %d: %s", iteration, self.task.metrics_line(metrics))
+        metric = self.task.best_metric
+        if metric is not None and metrics.get(metric) is not None and metrics[metric] > self.best:
+            self.best = metrics[metric]
+            self.checkpoint(self.best_path, iteration, epoch, metrics)
+        self.model.train()
+        return metrics
 
-    def factor(it: int) -> float:
-        poly = max(0.0, 1.0 - it / total_iters) ** power
-        if it < warmup_iters:
-            alpha = it / warmup_iters
-            poly *= warmup_factor * (1.0 - alpha) + alpha
-        return poly
+    # -- training
+    def run(self, stop_after: Optional[int]) -> Dict[str, Any]:
+        cfg, task = self.cfg, self.task
+        self.writer = Rank0Writer(os.path.join(cfg.output_dir, "tensorboard"), self.ctx.is_main,
+                                  purge_step=self.start + 1 if self.start else None)
+        if task.describe:
+            log.info("%s; %d iterations (%d epochs x %d) x %d processes; amp %s", task.describe, task.total,
+                     math.ceil(task.total / self.per_epoch), self.per_epoch, self.ctx.world_size,
+                     self.amp_dtype or "off")
+        stop_at = min(task.total, stop_after) if stop_after is not None else task.total
+        history_path = os.path.join(cfg.output_dir, "train_log.jsonl")
+        on_main_first(lambda: History(history_path, True, self.start) and None)  # trims it; errors reach every rank
+        self.history = History(history_path, self.ctx.is_main)
+        started = time.time()
+        finished = self._loop(stop_at)
+        loop_seconds = time.time() - started
+        if finished > self.start or not self.resuming_here:
+            self.checkpoint(self.last_path, finished, finished // self.per_epoch)
+        if finished < task.total:
+            log.info("stopped after iteration %d of %d; continue with --resume", finished, task.total)
+            self.writer.close()
+            return {}
+        metrics = self.validate(task.total, math.ceil(task.total / self.per_epoch), final=True)
+        if finished > self.start:  # the training loop's wall time per step (epoch-end checkpoints included)
+            metrics["train_seconds_per_iteration"] = loop_seconds / (finished - self.start)
+        if self.ctx.is_main:
+            if task.evaluate is not None:
+                write_metrics(metrics, self.writer, cfg.output_dir, task.total)
+            if task.report is not None:
+                task.report(metrics)
+        self.writer.close()
+        return metrics
 
-    return factor
+    def _loop(self, stop_at: int) -> int:
+        """Iterations ``start`` .. ``stop_at``; returns the iteration count reached."""
+        task, done = self.task, self.start
+        bar = tqdm(total=task.total, initial=self.start, desc=task.name, unit="it", disable=not self.ctx.is_main,
+                   dynamic_ncols=True)
+        self.model.train()
+        self._sums: Dict[str, torch.Tensor] = {}
+        self._seen, self._t0 = 0, time.time()
+        last_epoch = self.start // self.per_epoch
+        for epoch, iteration, batch in batch_stream(task.loader, self.start, stop_at):
+            if epoch != last_epoch:  # an epoch just ended
+                self._epoch_end(iteration, epoch)
+                last_epoch = epoch
+            stop_now = self._step(batch, iteration, epoch)
+            done = iteration + 1
+            self._log(done, epoch, stop_at, bar)
+            if self.cfg.train.image_interval and done % self.cfg.train.image_interval == 0 and task.log_images:
+                task.log_images(self.writer, batch, self._outputs, done)
+            if task.checkpoint_interval and done % task.checkpoint_interval == 0 and done < stop_at:
+                self.checkpoint(self.last_path, done, epoch)
+            if stop_now:  # a rank got SIGTERM: all stop here, with a checkpoint, before the scheduler kills
+                self._stop(done, epoch, bar)
+            bar.update(1)
+        bar.close()
+        return done
 
+    def _epoch_end(self, iteration: int, epoch: int) -> None:
+        if not self.task.checkpoint_interval:
+            self.checkpoint(self.last_path, iteration, epoch)
+        if self.task.val_interval and epoch % self.task.val_interval == 0 and iteration < self.task.total:
+            self.validate(iteration, epoch)
 
-# ----------------------------------------------------------------------------- RNG state
-def rng_state() -> Dict[str, Any]:
-    """Python, numpy and torch (CPU and CUDA) generator states, in a form that
-    ``torch.load(weights_only=True)`` accepts (tensors, ints, tuples)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    def _step(self, batch: Batch, iteration: int, epoch: int) -> bool:
+        loss, components, self._outputs = self.task.step(self.model, batch, StepInfo(iteration, epoch, self.amp))
+        stop_now = check_finite({"total": loss, **components}, iteration, epoch, self.last_path,
+                                self.stop.requested)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        for name, value in [("total", loss.detach())] + list(components.items()):
+            self._sums[name] = self._sums.get(name, 0.0) + value.float()
+        self._seen += 1
+        return stop_now
 
+    def _log(self, done: int, epoch: int, stop_at: int, bar) -> None:
+        if done % self.cfg.train.log_interval != 0 and done != stop_at:
+            return
+        means = torch.stack([self._sums[k] / self._seen for k in self._sums])
+        dist.all_reduce(means, op="mean")
+        means = dict(zip(self._sums, means.tolist()))
+        rate = self._seen * self.task.samples_per_batch * self.ctx.world_size / max(1e-9, time.time() - self._t0)
+        lr = self.scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{means['total']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+        for name, value in means.items():
+            self.writer.add_scalar(f"loss/{name}", value, done)
+        self.writer.add_scalar("train/lr", lr, done)
+        self.writer.add_scalar("train/samples_per_second", rate, done)
+        self.history.write({"iteration": done, "epoch": epoch, "lr": lr, **means})
+        self._sums, self._seen, self._t0 = {}, 0, time.time()
 
-def set_rng_state(state: Dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def save_training_checkpoint(path: str, state: Dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write leaves the previous file intact."""
-    atomic_torch_save(state, path)
-
-
-def unreadable_reason(path: str, exc: BaseException) -> str:
-    """A one-line reason why ``torch.load`` failed on ``path`` (never blank)."""
-    with contextlib.suppress(OSError):
-        if os.path.getsize(path) == 0:
-            return "the file is empty (0 bytes)"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else f"{type(exc).__name__} (truncated or not a PyTorch file?)"
-
-
-def load_training_checkpoint(path: str) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise UserError(f"cannot resume: checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {unreadable_reason(path, exc)}") from exc
-    if not isinstance(state, dict):
-        raise UserError(f"checkpoint {path} is not a training checkpoint of this project "
-                        f"(holds a {type(state).__name__})")
-    for key in ("state_dict", "optimizer", "iteration"):
-        if key not in state:
-            raise UserError(f"checkpoint {path} is not a training checkpoint of this project (no {key!r} key)")
-    bad = first_non_finite(state["state_dict"])
-    if bad is not None:
-        raise NonFiniteWeightsError(f"checkpoint {path}: tensor {bad!r} holds NaN or Inf; "
-                                    "it cannot be resumed from")
-    return state
-
-
-# ----------------------------------------------------------------------------- batch stream
-def batch_stream(loader, start_iter: int, max_iters: int) -> Iterator[Tuple[int, int, Any]]:
-    """Yield (epoch, iteration, batch) from ``start_iter`` up to ``max_iters``.
-
-    Epoch ``e`` covers iterations [e * L, (e + 1) * L) with L = batches per epoch; a resumed
-    run skips the first (start_iter mod L) batches of its epoch through the sampler (so no
-    data is loaded for them), and since every sample is seeded by (seed, epoch, index) the
-    stream is the same as an uninterrupted run's.
-    """
-    sampler, dataset = loader.sampler, loader.dataset
-    per_epoch = len(sampler) // loader.batch_size
-    if per_epoch < 1:
-        raise UserError("fewer samples per process than one batch")
-    iteration = start_iter
-    epoch, within = divmod(start_iter, per_epoch)
-    while iteration < max_iters:
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        sampler.set_start(within * loader.batch_size)
-        for batch in loader:
-            yield epoch, iteration, batch
-            iteration += 1
-            if iteration >= max_iters:
-                return
-        epoch, within = epoch + 1, 0
-
-
-def iterations_per_epoch(loader) -> int:
-    return len(loader.sampler) // loader.batch_size
-
-
-def total_iterations(loader, epochs: int, max_iters: Optional[int]) -> int:
-    total = epochs * iterations_per_epoch(loader)
-    return min(total, max_iters) if max_iters else total
-
-
-def is_finite(value: torch.Tensor) -> bool:
-    return bool(torch.isfinite(value).all())
-
-
-def human_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+    def _stop(self, done: int, epoch: int, bar) -> None:
+        self.checkpoint(self.last_path, done, epoch)
+        bar.close()
+        self.writer.close()
+        raise StopRequested(f"stopped by {self.stop.name() if self.stop.requested else 'a signal to another rank'} "
+                            f"after iteration {done} of {self.task.total}: checkpoint {self.last_path} written; "
+                            "continue with --resume", self.stop.exit_code())

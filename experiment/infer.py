@@ -17,7 +17,7 @@ naming it; the others are still processed, then the number of failures is report
 status is non-zero.  Same-size images are batched
 (``--batch_size``); under torchrun each process takes a contiguous share of the images.
 ``--sliding_window``, ``--flip`` and ``--scales`` select the inference mode as in
-``experiment.validation`` (see ``experiment/inference.py``; HMS keeps its attention scales).
+``experiment.validation`` (see ``experiment/tta.py``; HMS keeps its attention scales).
 """
 from __future__ import annotations
 
@@ -40,19 +40,21 @@ from tqdm import tqdm
 
 from datasets import colorize, trainid_to_labelid
 from datasets.transforms import normalize_image
-from experiment.common import (INFERENCE_FLAGS, UserError, add_inference_arguments, autocast, flag_overrides,
-                               normalise_inference_flags, resolve_amp, script_main, str2bool)
-from experiment.config import ExperimentConfig
-from experiment.inference import inference_mode_from_config, predict
-from experiment.validation import build_model, edge_image, write_png
-from models import load_checkpoint
+from experiment.cli import (AMP_CHOICES, INFERENCE_FLAGS, add_inference_arguments, explicit_keys, flag_overrides,
+                            script_main, str2bool)
+from experiment.acceleration import place_model, to_device_images
+from experiment.errors import UserError
+from experiment.network import MODEL_KEYS, describe_from_checkpoint, load_model, read_model_file
+from experiment.pictures import edge_image, write_png
+from experiment.run_config import load_run_config
+from experiment.runtime import autocast, on_main_first, resolve_amp
+from experiment.tta import inference_mode_from_config, predict
 from utils import dist
-from utils.config import add_config_arguments, load_config
+from utils.config import add_config_arguments
 
 log = logging.getLogger("experiment.infer")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-OUTPUT_SUFFIXES = ("_labelIds.png", "_color.png", "_overlay.png", "_edge.png")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -118,6 +120,23 @@ def check_unique_outputs(images: Sequence[Tuple[str, str]]) -> None:
         if stem in seen:
             raise UserError(f"{seen[stem]} and {path} would both write {stem}_*.png; rename one of them")
         seen[stem] = path
+
+
+def output_paths(out_dir: str, rel: str, with_edges: bool) -> List[str]:
+    stem = os.path.join(out_dir, output_stem(rel))
+    suffixes = ("_labelIds.png", "_color.png", "_overlay.png") + (("_edge.png",) if with_edges else ())
+    return [stem + suffix for suffix in suffixes]
+
+
+def check_outputs_free(out_dir: str, images: Sequence[Tuple[str, str]], with_edges: bool, overwrite: bool) -> None:
+    """Files of an earlier run (or the user's own) at the paths this run writes are refused, naming
+    the first, unless ``overwrite``."""
+    if overwrite:
+        return
+    taken = [p for _, rel in images for p in output_paths(out_dir, rel, with_edges) if os.path.lexists(p)]
+    if taken:
+        raise UserError(f"--output_dir {out_dir} already holds {len(taken)} of the files this run writes (e.g. "
+                        f"{taken[0]}); choose another --output_dir, or pass --overwrite to replace them")
 
 
 def read_rgb(path: str) -> Tuple[np.ndarray, Optional[str]]:
@@ -209,14 +228,14 @@ def overlay_image(rgb: np.ndarray, color: np.ndarray, alpha: float) -> np.ndarra
 
 def write_outputs(out_dir: str, rel: str, rgb: np.ndarray, pred: np.ndarray, edge_prob: Optional[np.ndarray],
                   alpha: float) -> None:
-    stem = os.path.join(out_dir, output_stem(rel))
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    paths = output_paths(out_dir, rel, edge_prob is not None)
+    os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
     color = colorize(pred)
-    write_png(f"{stem}_labelIds.png", trainid_to_labelid(pred).astype(np.uint8))
-    write_png(f"{stem}_color.png", color)
-    write_png(f"{stem}_overlay.png", overlay_image(rgb, color, alpha))
+    write_png(paths[0], trainid_to_labelid(pred).astype(np.uint8))
+    write_png(paths[1], color)
+    write_png(paths[2], overlay_image(rgb, color, alpha))
     if edge_prob is not None:
-        write_png(f"{stem}_edge.png", edge_image(edge_prob))
+        write_png(paths[3], edge_image(edge_prob))
 
 
 # ----------------------------------------------------------------------------- running
@@ -226,25 +245,70 @@ def shard(items: Sequence[Any], rank: int, world_size: int) -> List[Any]:
     return list(items[rank * n // world_size:(rank + 1) * n // world_size])
 
 
-def run_inference(cfg: ExperimentConfig, model_path: str, source: str, ctx: dist.DistContext,
-                  overlay_alpha: float = 0.5, progress: bool = True) -> Dict[str, Any]:
+class _Segmenter:
+    """The forward passes of one process's images, their failures, and their PNGs written by two
+    threads beside the next forward (at most a few batches wait in memory)."""
+
+    def __init__(self, net: torch.nn.Module, cfg: Any, device: torch.device, amp_dtype, inference,
+                 overlay_alpha: float, bar):
+        self.net, self.cfg, self.device, self.amp_dtype = net, cfg, device, amp_dtype
+        self.inference, self.alpha, self.bar = inference, overlay_alpha, bar
+        self.failed: List[Tuple[str, str]] = []
+        self.written = 0
+        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.pending: Deque[Future] = collections.deque()
+
+    def unreadable(self, item: Dict[str, Any]) -> None:
+        log.error("cannot read image %s: %s", item["path"], item["error"])
+        self.failed.append((item["path"], item["error"]))
+        self.bar.update(1)
+
+    def segment(self, batch: List[Dict[str, Any]]) -> None:
+        images = to_device_images(torch.stack([item["image"] for item in batch]), self.device)
+        try:
+            with torch.no_grad(), autocast(self.device, self.amp_dtype):
+                out = predict(self.net, images, self.inference)
+            preds = out["pred"].argmax(1).to(torch.uint8).cpu().numpy()
+        except (RuntimeError, ValueError) as exc:  # e.g. too small for an HMS scale, out of memory
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            for item in batch:
+                log.error("cannot segment image %s (%dx%d): %s", item["path"], *images.shape[-2:], reason)
+                self.failed.append((item["path"], reason))
+            self.bar.update(len(batch))
+            return
+        edge = out.get("edge_prob")
+        edges = edge[:, 0].float().cpu().numpy() if edge is not None else None
+        for i, item in enumerate(batch):
+            self.pending.append(self.pool.submit(write_outputs, self.cfg.output_dir, item["rel"], item["rgb"],
+                                                 preds[i], None if edges is None else edges[i], self.alpha))
+        while len(self.pending) > 4 * max(2, self.cfg.val.batch_size):
+            self.pending.popleft().result()
+        self.written += len(batch)
+        self.bar.update(len(batch))
+
+    def close(self) -> None:
+        """Wait for every write: a failed one (disk full, permissions) stops the run here."""
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def run_inference(cfg: Any, model_path: str, source: str, ctx: dist.DistContext, overlay_alpha: float = 0.5,
+                  progress: bool = True, overwrite: bool = False, state: Any = None) -> Dict[str, Any]:
     """Predict every image of ``source`` and write its PNGs under ``cfg.output_dir``.  Returns
-    counts and timing (summed over processes); failures are listed in ``failed``."""
-    if not model_path:
-        raise UserError("--model_path is required: the checkpoint to run")
-    if not os.path.isfile(model_path):
-        raise UserError(f"model file {model_path} does not exist")
+    counts and timing (summed over processes); failures are listed in ``failed``.  ``state``: the
+    model file's contents, if already read."""
     if not 0.0 <= overlay_alpha <= 1.0:
         raise UserError(f"--overlay_alpha must be in [0, 1], got {overlay_alpha}")
     images = find_images(source)
     check_unique_outputs(images)
+    on_main_first(lambda: check_outputs_free(cfg.output_dir, images, cfg.model.has_edge, overwrite))
     inference = inference_mode_from_config(cfg.val, cfg.model)
-    net = build_model(cfg)
-    report = load_checkpoint(net, model_path)
-    log.info("loaded %s into %s (hrnet_base %s, has_edge %s): %s", model_path, cfg.model.arch, net.hrnet_base,
-             cfg.model.has_edge, report)
+    net = load_model(cfg, read_model_file(model_path, "model file") if state is None else state, model_path)
     device = ctx.device
-    net.to(device).eval()
+    place_model(net, device).eval()  # channels_last on CUDA
     amp_dtype = resolve_amp(cfg.val.amp, device)
     mine = shard(images, ctx.rank, ctx.world_size)
     # OpenCV's own decoder messages would duplicate (less clearly) the one error line per file below.
@@ -254,102 +318,85 @@ def run_inference(cfg: ExperimentConfig, model_path: str, source: str, ctx: dist
     loader = torch.utils.data.DataLoader(ImageFiles(mine), batch_size=1, shuffle=False,
                                          num_workers=cfg.val.num_workers, collate_fn=_as_list)
     batcher = SizeBatcher(cfg.val.batch_size)
-    failed: List[Tuple[str, str]] = []
-    written = 0
     bar = tqdm(total=len(mine), desc="inference", unit="img", dynamic_ncols=True,
                disable=not (progress and ctx.is_main))
     start = time.time()
-    with ThreadPoolExecutor(max_workers=2) as pool:  # PNG encoding overlaps the next forward
-        pending_writes: Deque[Future] = collections.deque()
-
-        def run_batch(batch: List[Dict[str, Any]]) -> None:
-            nonlocal written
-            images_t = torch.stack([item["image"] for item in batch]).to(device, non_blocking=True)
-            try:
-                with torch.no_grad(), autocast(device, amp_dtype):
-                    out = predict(net, images_t, inference)
-                preds = out["pred"].argmax(1).to(torch.uint8).cpu().numpy()
-            except (RuntimeError, ValueError) as exc:  # e.g. too small for an HMS scale, out of memory
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                for item in batch:
-                    log.error("cannot segment image %s (%dx%d): %s", item["path"], *images_t.shape[-2:], reason)
-                    failed.append((item["path"], reason))
-                bar.update(len(batch))
-                return
-            edge = out.get("edge_prob")
-            edges = edge[:, 0].float().cpu().numpy() if edge is not None else None
-            for i, item in enumerate(batch):
-                pending_writes.append(pool.submit(write_outputs, cfg.output_dir, item["rel"], item["rgb"], preds[i],
-                                                  None if edges is None else edges[i], overlay_alpha))
-            while len(pending_writes) > 4 * max(2, cfg.val.batch_size):  # bounded: images wait in memory
-                pending_writes.popleft().result()
-            written += len(batch)
-            bar.update(len(batch))
-
+    segmenter = _Segmenter(net, cfg, device, amp_dtype, inference, overlay_alpha, bar)
+    try:
         for (item,) in loader:
             if item["error"] is not None:
-                log.error("cannot read image %s: %s", item["path"], item["error"])
-                failed.append((item["path"], item["error"]))
-                bar.update(1)
+                segmenter.unreadable(item)
                 continue
             if item["notice"]:
                 log.warning("%s: %s", item["path"], item["notice"])
             for batch in batcher.add(item):
-                run_batch(batch)
+                segmenter.segment(batch)
         for batch in batcher.flush():
-            run_batch(batch)
-        for future in pending_writes:
-            future.result()  # a failed write (disk full, permissions) stops the run here
-    bar.close()
-    elapsed = time.time() - start
-    counts = dist.all_reduce(torch.tensor([written, len(failed)], dtype=torch.float64, device=device)).cpu()
+            segmenter.segment(batch)
+    finally:
+        segmenter.close()
+        bar.close()
+    return _summary(cfg, images, segmenter, time.time() - start, inference.describe(), device)
+
+
+def _summary(cfg: Any, images, segmenter: _Segmenter, elapsed: float, mode: str, device: torch.device
+             ) -> Dict[str, Any]:
+    """Counts and timing summed over processes."""
+    counts = dist.all_reduce(torch.tensor([segmenter.written, len(segmenter.failed)], dtype=torch.float64,
+                                          device=device)).cpu()
     elapsed_max = dist.all_reduce(torch.tensor([elapsed], dtype=torch.float64, device=device), op="max").item()
-    all_failed = [f for rank_failed in dist.all_gather_object(failed) for f in rank_failed]
-    summary = {"images": len(images), "written": int(counts[0]), "failed": all_failed,
-               "seconds": round(elapsed_max, 3),
-               "images_per_second": round(counts[0].item() / elapsed_max, 3) if elapsed_max > 0 else None,
-               "inference": inference.describe(), "output_dir": cfg.output_dir}
-    return summary
+    all_failed = [f for rank_failed in dist.all_gather_object(segmenter.failed) for f in rank_failed]
+    return {"images": len(images), "written": int(counts[0]), "failed": all_failed,
+            "seconds": round(elapsed_max, 3),
+            "images_per_second": round(counts[0].item() / elapsed_max, 3) if elapsed_max > 0 else None,
+            "inference": mode, "output_dir": cfg.output_dir}
 
 
 # ----------------------------------------------------------------------------- command line
+FLAGS = {"output_dir": "output_dir", "device": "train.device", "arch": "model.arch", "hrnet_base": "model.hrnet_base",
+         "has_edge": "model.has_edge", "batch_size": "val.batch_size", "num_workers": "val.num_workers",
+         "amp": "val.amp", **INFERENCE_FLAGS}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     p.add_argument("--input", required=True, help="an image, a folder (recursive) or a text file of image paths")
     p.add_argument("--output_dir", help="where the PNGs go, keeping --input's folder structure (default runs/infer)")
-    p.add_argument("--model_path", help="checkpoint (released .pth or one of ours)")
+    p.add_argument("--model_path", required=True, help="checkpoint (released .pth or one of ours, which describes "
+                                                       "its model: --arch etc. are needed only for the released files)")
     p.add_argument("--arch", help="ocrnet.AuxHRNet | lighthrnet.HRNet16 | ocrnet.HRNet | ocrnet.HRNet_Mscale")
     p.add_argument("--hrnet_base", type=int, help="trunk width: 16, 18 or 48 (default: the arch's own)")
     p.add_argument("--has_edge", type=str2bool, help="build the edge head and write <stem>_edge.png (True/False)")
     p.add_argument("--batch_size", type=int, help="same-size images per forward pass (val.batch_size)")
     p.add_argument("--num_workers", type=int, help="image-decoding workers per process (val.num_workers)")
-    p.add_argument("--amp", choices=("auto", "on", "off", "bf16", "fp16"),
+    p.add_argument("--amp", choices=AMP_CHOICES,
                    help="autocast: auto (bf16 on CUDA, off on CPU), on (=bf16), off, bf16, fp16")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
     add_inference_arguments(p)
     p.add_argument("--overlay_alpha", type=float, default=0.5, help="weight of the colours in the overlay")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files of an earlier run (without it, a file this run would write is refused)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    normalise_inference_flags(args)
-    if args.amp == "on":
-        args.amp = "bf16"
-    overrides = flag_overrides(args, {
-        "output_dir": "output_dir", "device": "train.device", "arch": "model.arch", "hrnet_base": "model.hrnet_base",
-        "has_edge": "model.has_edge", "batch_size": "val.batch_size", "num_workers": "val.num_workers",
-        "amp": "val.amp", **INFERENCE_FLAGS})
-    return load_config(ExperimentConfig, args.config, overrides, defaults={"output_dir": "runs/infer"})
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The config, with the model the checkpoint describes (read once, kept in ``args.model_state``)."""
+    args.model_state = read_model_file(args.model_path, "model file")
+    cfg = load_run_config(args.config, flag_overrides(args, FLAGS), defaults={"output_dir": "runs/infer"})
+    describe_from_checkpoint(cfg, args.model_state, args.model_path,
+                             explicit_keys(args.config, args.opt, FLAGS, args, "model", MODEL_KEYS))
+    return cfg
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
 
-    def body(cfg: ExperimentConfig, ctx: dist.DistContext) -> None:
-        summary = run_inference(cfg, args.model_path, args.input, ctx, overlay_alpha=args.overlay_alpha)
+    def body(cfg: Any, ctx: dist.DistContext) -> None:
+        summary = run_inference(cfg, args.model_path, args.input, ctx, overlay_alpha=args.overlay_alpha,
+                                overwrite=args.overwrite, state=args.model_state)
         if ctx.is_main:
             print(f"{summary['written']} images in {summary['seconds']:.1f}s ({summary['images_per_second']} "
                   f"images/s), inference: {summary['inference']}; outputs: {summary['output_dir']}")

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Type, TypeVar, Union
+from typing import List, Union
 
-from utils.config import ConfigError, load_config, project_root
-
-T = TypeVar("T")
+from utils.config import ConfigError, project_root
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = CODE_ROOT / "configs"
@@ -59,13 +57,6 @@ def config_root(config_path: Path) -> Path:
     if INSTALLED_COPY and CONFIG_DIR in resolved.parents:
         return Path.cwd()
     return project_root(resolved)
-
-
-def load_run_config(cls: Type[T], specs: Sequence[Union[str, os.PathLike]], overrides: Sequence[str] = (),
-                    defaults: Optional[Mapping[str, Any]] = None) -> T:
-    """``utils.config.load_config`` with ``--config`` names looked up (:func:`find_config`) and
-    relative data paths resolved by :func:`config_root`."""
-    return load_config(cls, [find_config(s) for s in specs], overrides, defaults=defaults, root_of=config_root)
 
 
 def missing_file_message(what: str, path: Union[str, os.PathLike]) -> str:

@@ -75,8 +75,8 @@ def _unwrap_model(net: nn.Module) -> nn.Module:
     return net.module if isinstance(net, wrappers) else net
 
 
-def _read_state_dict(path_or_dict: PathOrDict) -> Tuple[Dict[str, torch.Tensor], str]:
-    """The tensors of a checkpoint file or dict, plus a name for messages."""
+def _read_state_dict(path_or_dict: PathOrDict, name: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], str]:
+    """The tensors of a checkpoint file or dict, plus a name for messages (``name``: a dict's)."""
     if isinstance(path_or_dict, (str, os.PathLike)):
         source = os.fspath(path_or_dict)
         if not os.path.isfile(source):
@@ -89,7 +89,7 @@ def _read_state_dict(path_or_dict: PathOrDict) -> Tuple[Dict[str, torch.Tensor],
                 "If the file is trusted but holds non-tensor objects, load it yourself "
                 "and pass the dict.") from exc
     elif isinstance(path_or_dict, Mapping):
-        source, obj = "<state dict>", path_or_dict
+        source, obj = name or "<state dict>", path_or_dict
     else:
         raise TypeError(
             f"expected a checkpoint path or a dict, got {type(path_or_dict).__name__}")
@@ -155,7 +155,8 @@ def _mismatch_message(what: str, report: LoadReport) -> str:
     return "\n".join(lines)
 
 
-def load_checkpoint(net: nn.Module, path_or_dict: PathOrDict, strict: bool = True) -> LoadReport:
+def load_checkpoint(net: nn.Module, path_or_dict: PathOrDict, strict: bool = True,
+                    source: Optional[str] = None) -> LoadReport:
     """Load a trained checkpoint (e.g. a released ``*.pth``) into ``net``.
 
     Accepts ``{'state_dict': ...}`` or a bare state dict, keys with or without a
@@ -171,10 +172,12 @@ def load_checkpoint(net: nn.Module, path_or_dict: PathOrDict, strict: bool = Tru
     kind and their counts; nothing is loaded then.  ``strict=False`` loads the
     matching tensors and logs a WARNING summarising the rest.
 
+    ``source``: the name messages give a dict (e.g. the file it was read from).
+
     Returns a :class:`LoadReport`.
     """
     model = _unwrap_model(net)
-    state, source = _read_state_dict(path_or_dict)
+    state, source = _read_state_dict(path_or_dict, source)
     report = LoadReport(source=source)
     state, report.stripped_prefix = _strip_wrapper_prefix(state)
     target = model.state_dict()

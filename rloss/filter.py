@@ -9,7 +9,7 @@ y = row, RGB in [0, 255]), self term included, not normalised.  Two ways to appl
   kernel the published DenseCRF weights (2e-9) were tuned on.
 * ``kernel="exact"``: the dense Gaussian sum, in blocks of rows (quadratic in the pixel count:
   for small images and for checking).  The lattice is not the exact Gaussian: on natural
-  images its loss is about 0.57 times the exact one (README, "DenseCRF loss"), so a weight
+  images its loss is about 0.57 times the exact one (docs/rloss.md), so a weight
   tuned on the lattice maps to about 0.57 x that weight with ``kernel="exact"``.
 """
 from __future__ import annotations

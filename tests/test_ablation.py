@@ -1,5 +1,5 @@
-"""Issue 17: the edge-map F-score (device counts = the numpy oracle), edge targets without the
-image border, and experiment/ablation.py (variant configs, summary, a tiny end-to-end run)."""
+"""The edge-map F-score (device counts = the numpy oracle), edge targets without the
+image border, and the ablation (variant configs, summary, a tiny end-to-end run)."""
 import json
 import math
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from datasets.edges import edge_target, edge_target_reference
-from experiment.ablation import VARIANTS, ablation_table, run_ablation, summarise, variant_config
-from experiment.config import ExperimentConfig
-from experiment.common import UserError
+from experiment.comparisons.ablation import VARIANTS, AblationExperimentConfig, ablation_table, run_ablation, summarise, variant_config
+from experiment.methods import RunOptions
+from experiment.errors import UserError
 from utils.config import load_config
 from utils.metrics import EDGE_THRESHOLDS, edge_f_counts, edge_f_counts_batch, edge_f_from_counts
 
@@ -90,7 +90,7 @@ def test_train_transform_passes_the_border_choice(tiny_cityscapes):
 
 # ----------------------------------------------------------------------------- the ablation
 def _config(root, out, regressor, *extra):
-    return load_config(ExperimentConfig, [], [
+    return load_config(AblationExperimentConfig, [], [
         f"output_dir={out}", f"data.dataset_dir={root}", "data.crop_size=[64,128]", "data.scale_range=[1.0,1.0]",
         "data.class_uniform_fraction=0.0", "data.num_workers=0", "model.arch=lighthrnet.HRNet16",
         "model.has_edge=true", f"loss.inverseform_path={regressor}", "loss.inverseform_tile_factor=1",
@@ -100,7 +100,7 @@ def _config(root, out, regressor, *extra):
 
 
 def test_variant_configs_switch_only_the_loss_terms(tmp_path):
-    cfg = load_config(ExperimentConfig, [], [f"output_dir={tmp_path}"])
+    cfg = load_config(AblationExperimentConfig, [], [f"output_dir={tmp_path}"])
     runs = {name: variant_config(cfg, name, 7) for name in VARIANTS}
     assert (runs["ce"].loss.edge_weight, runs["ce"].loss.att_weight, runs["ce"].loss.inv_weight) == (0, 0, 0)
     assert runs["joint"].loss.inv_weight == 0 and runs["joint"].loss.edge_weight == cfg.loss.edge_weight
@@ -155,7 +155,7 @@ def test_tiny_ablation_writes_table_json_and_figure(tiny_cityscapes, regressor, 
     assert summary["variants"]["ce"]["title"] in capsys.readouterr().out
     # --resume keeps finished runs: nothing is trained again, the same summary comes back
     stamp = (tmp_path / "ce" / "seed1" / "last.pth").stat().st_mtime_ns
-    again = run_ablation(cfg, ctx, resume=True)
+    again = run_ablation(cfg, ctx, RunOptions(resume=True))
     assert again["variants"]["inverseform"]["mean"] == summary["variants"]["inverseform"]["mean"]
     assert (tmp_path / "ce" / "seed1" / "last.pth").stat().st_mtime_ns == stamp
     # without --resume or --overwrite a finished run directory is refused, naming it
@@ -165,7 +165,7 @@ def test_tiny_ablation_writes_table_json_and_figure(tiny_cityscapes, regressor, 
 
 def test_ablation_in_process_matches_a_plain_training_run(tiny_cityscapes, regressor, tmp_path, ctx):
     """One run in this process: its metrics are those of experiment.train with the variant's settings."""
-    from experiment.train import train
+    from experiment.methods import train
 
     cfg = _config(tiny_cityscapes, tmp_path / "abl", regressor, "ablation.variants=[joint]", "ablation.seeds=[3]",
                   "ablation.figure_images=1")
@@ -181,10 +181,10 @@ def test_ablation_in_process_matches_a_plain_training_run(tiny_cityscapes, regre
 def test_the_main_jobs_regressor_is_trained_on_its_own_edge_definition(tmp_path, border):
     from pathlib import Path
 
-    from experiment.train import regressor_config_for
+    from experiment.methods.segmentation import regressor_config_for
 
     config = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
-    cfg = load_config(ExperimentConfig, [config], [f"data.edge_image_border={border}",
+    cfg = load_config(AblationExperimentConfig, [config], [f"data.edge_image_border={border}",
                                                    f"loss.inverseform_path={tmp_path / 'r.pth'}"])
     assert regressor_config_for(cfg).data.edge_image_border is border
 

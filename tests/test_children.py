@@ -1,5 +1,5 @@
 """experiment/children.py: what the parent reads from a child's console file."""
-from experiment.children import last_line, progress, use_children
+from experiment.comparisons.children import last_line, progress, use_children
 
 
 def test_progress_reads_the_newest_bar_of_a_console(tmp_path):

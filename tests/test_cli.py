@@ -1,4 +1,4 @@
-"""The command line as a user meets it (issue 16): configs by name and relative paths that do not
+"""The command line as a user meets it: configs by name and relative paths that do not
 depend on the current directory, checkpoints that describe their model to validation, missing
 released files that say where to get them, and the field's flag conventions."""
 import json
@@ -17,8 +17,11 @@ from experiment import infer as infer_script
 from experiment import train as train_script
 from experiment import train_inverseform as regressor_script
 from experiment import validation as validation_script
-from experiment.common import UserError
-from experiment.config import ExperimentConfig, RegressorConfig
+from experiment.errors import UserError
+from experiment.config import ExperimentConfig
+from experiment.methods.regressor import RegressorConfig
+from experiment.methods.segmentation import regressor_config_for
+from experiment.run_config import load_run_config
 from utils.config import ConfigError, load_config, path_field, path_keys, project_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,11 +93,11 @@ def test_every_path_like_field_is_declared_a_path():
 def test_shipped_config_from_another_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for spec in ("synthetic", "synthetic.yaml", "configs/synthetic.yaml", str(ROOT / "configs" / "synthetic.yaml")):
-        cfg = paths.load_run_config(ExperimentConfig, [spec])
+        cfg = load_run_config([spec])
         assert cfg.output_dir == str(ROOT / "runs" / "synthetic")
         assert cfg.data.synthetic_dir == str(ROOT / "data" / "synthetic_cityscapes")
     # the regressor it trains on a fresh machine: its config found, on the same dataset, nothing in the cwd
-    reg = train_script.regressor_config_for(cfg)
+    reg = regressor_config_for(cfg)
     assert reg.output_path == cfg.loss.inverseform_path == str(ROOT / "checkpoints" / "synthetic_regressor.pth")
     assert reg.data.synthetic_dir == cfg.data.synthetic_dir and reg.data.synthetic == cfg.data.synthetic
     assert reg.output_dir == str(ROOT / "runs" / "synthetic_regressor")
@@ -220,7 +223,7 @@ def test_regressor_and_validation_flags_of_the_field(tmp_path):
 def training_checkpoint(tmp_path_factory):
     """A checkpoint as train.py writes it (weights plus the model's description)."""
     import models
-    from models.testing import synthetic_state_dict
+    from synthetic_weights import synthetic_state_dict
 
     net = models.get_net("lighthrnet.HRNet16", has_edge=True)
     path = tmp_path_factory.mktemp("ckpt") / "best.pth"

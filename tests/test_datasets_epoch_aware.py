@@ -10,7 +10,7 @@ from datasets import Cityscapes, TrainTransform
 from datasets.epoch_aware import EpochAwareDataset, EpochIndexSampler
 from datasets.samplers import DistributedTrainSampler
 from experiment.data import train_loader
-from experiment.engine import batch_stream
+from experiment.schedule import batch_stream
 
 
 @pytest.fixture

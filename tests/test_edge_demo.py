@@ -1,6 +1,6 @@
-"""The main job's edge head draws boundaries (issue 17): its edge map's F-score against the edge
-targets of the synthetic val split (ODS, 2-px tolerance) reaches what the fixed pipeline reached
-when measured, and no line is drawn along the image border.  Minutes on a CPU: marked slow.
+"""The main job's edge head draws boundaries: its edge map's F-score against the edge targets of
+the synthetic val split (ODS, 2-px tolerance) reaches the measured level, and no line is drawn
+along the image border.  Minutes on a CPU: marked slow.
 
     python -m pytest -m slow tests/test_edge_demo.py
 """
@@ -16,9 +16,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Measured with the fixed pipeline (configs/synthetic.yaml, README "Does the InverseForm term help?"):
-# edge F 0.632; before the fixes (the reference's loss balance at 8 crops per step, crop borders as
-# edges) the same job reached 0.590 against targets with borders and 0.554 against targets without.
+# Measured with configs/synthetic.yaml (docs/ablation.md): edge F 0.632; with the reference's loss
+# balance at 8 crops per step and crop borders as edges the same job reached 0.590 against targets
+# with borders and 0.554 against targets without.
 MIN_EDGE_F = 0.60
 
 

@@ -14,9 +14,11 @@ from torch import nn
 import models
 from experiment import acceleration as acc
 from experiment.background import BackgroundWriter, to_host
-from experiment.config import ExperimentConfig, RegressorConfig
+from experiment.config import ExperimentConfig
+from experiment.methods.regressor import RegressorConfig
+from experiment.run_config import load_run_config, will_use_cuda
 from experiment.data import eval_loader, val_dataset
-from experiment.validation import evaluate
+from experiment.evaluation import evaluate
 from utils.metrics import boundary_accuracy, boundary_f_counts, boundary_f_from_counts
 
 
@@ -70,22 +72,22 @@ def test_pad_batch_repeats_the_last_image():
 def test_cuda_overrides_apply_only_on_cuda_and_the_command_line_wins(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train: {batch_size: 8}\ncuda_overrides: [train.batch_size=32, optim.lr=0.06]\n")
-    cpu = acc.load_config_for_device(ExperimentConfig, [str(path)], [], cuda=False)
+    cpu = load_run_config([str(path)], [], schema=ExperimentConfig, cuda=False)
     assert cpu.train.batch_size == 8 and cpu.optim.lr == ExperimentConfig().optim.lr
-    gpu = acc.load_config_for_device(ExperimentConfig, [str(path)], [], cuda=True)
+    gpu = load_run_config([str(path)], [], schema=ExperimentConfig, cuda=True)
     assert gpu.train.batch_size == 32 and gpu.optim.lr == 0.06
-    explicit = acc.load_config_for_device(ExperimentConfig, [str(path)], ["train.batch_size=4"], cuda=True)
+    explicit = load_run_config([str(path)], ["train.batch_size=4"], schema=ExperimentConfig, cuda=True)
     assert explicit.train.batch_size == 4 and explicit.optim.lr == 0.06
-    off = acc.load_config_for_device(ExperimentConfig, [str(path)], ["cuda_overrides=[]"], cuda=True)
+    off = load_run_config([str(path)], ["cuda_overrides=[]"], schema=ExperimentConfig, cuda=True)
     assert off.train.batch_size == 8
-    assert acc.will_use_cuda("cuda") and not acc.will_use_cuda("cpu")
-    assert acc.will_use_cuda("auto") == torch.cuda.is_available()
+    assert will_use_cuda("cuda") and not will_use_cuda("cpu")
+    assert will_use_cuda("auto") == torch.cuda.is_available()
 
 
 @pytest.mark.parametrize("name, schema", [("synthetic", ExperimentConfig), ("synthetic_regressor", RegressorConfig)])
 def test_main_job_keeps_its_cpu_recipe_and_grows_batches_on_cuda(name, schema):
-    cpu = acc.load_config_for_device(schema, [f"configs/{name}.yaml"], [], cuda=False)
-    gpu = acc.load_config_for_device(schema, [f"configs/{name}.yaml"], [], cuda=True)
+    cpu = load_run_config([f"configs/{name}.yaml"], [], schema=schema, cuda=False)
+    gpu = load_run_config([f"configs/{name}.yaml"], [], schema=schema, cuda=True)
     if schema is ExperimentConfig:
         assert (cpu.train.batch_size, cpu.train.epochs, cpu.optim.lr, cpu.data.num_workers) == (8, 60, 0.03, 2)
         assert gpu.train.batch_size > cpu.train.batch_size
@@ -100,8 +102,8 @@ def test_the_main_jobs_cuda_recipes_fit_its_dataset():
     """Each CUDA batch must fit the main job's synthetic train split (the loaders drop the last,
     short batch and refuse a split smaller than one batch): the regressor's first CUDA recipe
     asked for 256 crops of a 100-image split and would have stopped the main job on any GPU."""
-    main = acc.load_config_for_device(ExperimentConfig, ["configs/synthetic.yaml"], [], cuda=True)
-    regressor = acc.load_config_for_device(RegressorConfig, ["configs/synthetic_regressor.yaml"], [], cuda=True)
+    main = load_run_config(["configs/synthetic.yaml"], [], schema=ExperimentConfig, cuda=True)
+    regressor = load_run_config(["configs/synthetic_regressor.yaml"], [], schema=RegressorConfig, cuda=True)
     train_images = main.data.synthetic.train
     assert main.train.batch_size <= train_images
     assert regressor.train.images_per_batch <= train_images
@@ -183,8 +185,8 @@ def test_training_with_compile_saves_plain_checkpoints(tiny_cityscapes, regresso
     """train.compile (the cheap 'eager' backend here; inductor on a GPU) trains, validates and
     writes checkpoints that load into a plain model, with no `_orig_mod.` keys."""
     from test_experiment_train import config, overrides  # noqa: F401  (same small run as the train tests)
-    from experiment.engine import load_training_checkpoint
-    from experiment.train import train
+    from experiment.checkpoints import load_training_checkpoint
+    from experiment.methods import train
     from utils import dist
 
     for key in dist.ENV_KEYS:
@@ -250,7 +252,7 @@ def test_resume_with_persistent_workers_matches_an_in_process_run(tiny_cityscape
     """Persistent loader workers (2) stopped mid-epoch and resumed give bit-identical weights to an
     uninterrupted run without workers, with class-uniform lists that change every epoch."""
     from test_experiment_train import config
-    from experiment.train import train
+    from experiment.methods import train
     from utils import dist
 
     for key in dist.ENV_KEYS:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from experiment.config import RegressorConfig
-from experiment.train_inverseform import collate_tiles, make_pairs, step_generator, tile_dataset, train_regressor
+from experiment.methods.regressor import RegressorConfig
+from experiment.methods.regressor import collate_tiles, make_pairs, step_generator, tile_dataset, train_regressor
 from inverseform import InverseFormLoss, InverseNet, params_to_matrix, warp
 from inverseform.tiling import resize_for_tiling
 from utils.config import load_config
@@ -57,7 +57,7 @@ def test_short_run_learns_and_its_file_plugs_into_the_loss(tiny_cityscapes, tmp_
     cfg = regressor_config(tiny_cityscapes, tmp_path)
     report = train_regressor(cfg, ctx)
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert log[-1]["loss"] < 0.8 * log[0]["loss"]
+    assert log[-1]["total"] < 0.8 * log[0]["total"]
     saved = json.loads((tmp_path / "report.json").read_text())
     for key in ("identity_mean_distance", "transformed_mean_distance", "spearman", "r2_per_param"):
         assert key in saved and key in report
@@ -96,7 +96,7 @@ def test_resume_continues_where_it_stopped(tiny_cityscapes, tmp_path, ctx):
 
 
 def test_ranges_the_parameterisation_cannot_express_are_refused(tiny_cityscapes, tmp_path, ctx):
-    from experiment.common import UserError
+    from experiment.errors import UserError
 
     cfg = regressor_config(tiny_cityscapes, tmp_path, **{"ranges.rotation": 5.0})
     with pytest.raises(UserError, match="ranges.rotation"):

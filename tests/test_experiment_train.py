@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiment.config import ExperimentConfig, RegressorConfig
-from experiment.engine import NonFiniteLossError, load_training_checkpoint
-from experiment.train import train
+from experiment.comparisons.ablation import AblationExperimentConfig
+from experiment.config import ExperimentConfig
+from experiment.run_config import load_run_config
+from experiment.checkpoints import load_training_checkpoint
+from experiment.errors import NonFiniteLossError
+from experiment.methods import train
 from utils import dist
 from utils.config import load_config
 
@@ -107,7 +110,7 @@ def test_bf16_autocast_on_cpu(tiny_cityscapes, regressor, tmp_path, ctx):
 
 
 def test_non_finite_loss_stops_with_its_component(tiny_cityscapes, regressor, tmp_path, ctx, monkeypatch):
-    from experiment import losses
+    from experiment.methods import segmentation as losses
 
     real_forward, calls = losses.SegmentationObjective.forward, {"n": 0}
 
@@ -147,9 +150,8 @@ def test_regressor_is_trained_when_missing(tiny_cityscapes, tmp_path, ctx):
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_are_valid(name):
     path = ROOT / "configs" / name
-    schema = RegressorConfig if "regressor" in name else ExperimentConfig
-    cfg = load_config(schema, [path])
-    if schema is ExperimentConfig:
+    cfg = load_run_config([path], schema=AblationExperimentConfig if "ablation" in name else None)
+    if isinstance(cfg, ExperimentConfig):
         import models
 
         models.get_net(cfg.model.arch, hrnet_base=cfg.model.hrnet_base, has_edge=cfg.model.has_edge)
@@ -159,7 +161,7 @@ def test_fine_tuning_and_imagenet_backbone_initialise_the_model(tiny_cityscapes,
     """model.init_checkpoint (a released-format file) and model.pretrained_backbone (the HRNet
     authors' ImageNet format: trunk keys without 'backbone.', plus a classifier) reach the network."""
     import models
-    from models.testing import synthetic_state_dict
+    from synthetic_weights import synthetic_state_dict
 
     donor = models.get_net("lighthrnet.HRNet16", has_edge=True)
     weights = synthetic_state_dict(donor.state_dict(), seed=3)
@@ -184,8 +186,8 @@ def test_training_the_regressor_first_does_not_change_the_run(tiny_cityscapes, r
     """On a fresh checkout the main job trains its regressor in the same process before the
     segmentation run; a second run finds the file.  Both must train the same network: the
     regressor's draws from the global generators may not leak into the model's initialisation
-    or the data order (they did: mIoU 31.41 on a fresh checkout against 41.56 on a re-run)."""
-    import experiment.train as train_module
+    or the data order."""
+    import experiment.methods.segmentation as train_module
 
     plain_metrics, plain = train(config(tiny_cityscapes, tmp_path / "plain", regressor, **{"train.max_iters": 2}), ctx)
 

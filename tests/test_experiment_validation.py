@@ -13,8 +13,8 @@ import torch
 
 import models
 from datasets import labelid_to_trainid
-from experiment.validation import evaluate
-from models.testing import synthetic_state_dict
+from experiment.evaluation import evaluate
+from synthetic_weights import synthetic_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "lighthrnet.HRNet16"
@@ -191,10 +191,10 @@ def test_missing_released_file_reported_once_with_its_url_without_hang(tiny_city
 
 
 def test_error_after_start_still_reported_by_every_rank(tiny_cityscapes, tmp_path):
-    """A failure that may differ between ranks (here: a file that is no checkpoint) is still
-    reported by each rank, never hidden behind rank 0."""
-    bad = tmp_path / "garbage.pth"
-    bad.write_bytes(b"not a checkpoint")
+    """A failure after the start, which may differ between ranks (here: a checkpoint that does not
+    fit the model), is still reported by each rank, never hidden behind rank 0."""
+    bad = tmp_path / "other_model.pth"
+    torch.save({"state_dict": models.get_net(ARCH, has_edge=False).state_dict()}, bad)
     proc = run_cli(cli_args(tiny_cityscapes, tmp_path / "out", bad, "--has_edge", "True"), nproc=2, timeout=120)
     assert proc.returncode != 0
     for rank in (0, 1):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import models
-from experiment.common import UserError
-from models.testing import synthetic_state_dict
+from experiment.errors import UserError
+from synthetic_weights import synthetic_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ import torch
 import models
 from datasets import TRAIN_CLASS_COLORS, labelid_to_trainid, trainid_to_labelid
 from datasets.transforms import normalize_image
-from experiment.common import UserError
+from experiment.errors import UserError
 from experiment.infer import SizeBatcher, check_unique_outputs, find_images, read_rgb, shard
-from models.testing import synthetic_state_dict
+from synthetic_weights import synthetic_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "lighthrnet.HRNet16"

@@ -8,11 +8,11 @@ from torch import nn
 import models
 from experiment.config import DataConfig, ModelConfig, ValConfig
 from experiment.data import eval_loader, val_dataset
-from experiment.inference import (InferenceMode, WHOLE, inference_mode_from_config, predict,
+from experiment.tta import (InferenceMode, WHOLE, inference_mode_from_config, predict,
                                   sliding_window_forward, window_starts)
-from experiment.validation import evaluate
+from experiment.evaluation import evaluate
 from models.layers import rescale, resize_to
-from models.testing import synthetic_images, synthetic_state_dict
+from synthetic_weights import synthetic_images, synthetic_state_dict
 
 
 class Pointwise(nn.Module):

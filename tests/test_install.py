@@ -1,5 +1,5 @@
 """`pip install .` and `pip install -e .` in a fresh virtual environment that holds Hugging Face
-`datasets` (issue 16): its package keeps working and is never overwritten, every console script
+`datasets`: its package keeps working and is never overwritten, every console script
 runs its --help and its part of the main job from another directory, validation needs no
 architecture flags, and `pip uninstall` leaves Hugging Face's package intact.
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import models
-from models.testing import synthetic_images, synthetic_state_dict
+from synthetic_weights import synthetic_images, synthetic_state_dict
 
 MANIFEST = Path(__file__).parent / "fixtures" / "models" / "released_state_dicts.json.gz"
 SEED = 7

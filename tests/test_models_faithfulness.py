@@ -3,7 +3,7 @@
 The fixture holds the reference's eval outputs (subsampled on a grid, plus
 per-image-and-channel means) for the four released archs, computed by
 ``tools/check_against_reference.py`` with weights and inputs that
-``models.testing`` rebuilds here from the stored seed (NumPy only).  See
+``tests/synthetic_weights.py`` rebuilds here from the stored seed (NumPy only).  See
 tests/fixtures/models/README.md.
 
 Tolerance: 1e-4 of the output's scale (max |reference value|, at least 1).  The fixture was
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import models
-from models.testing import synthetic_images, synthetic_state_dict
+from synthetic_weights import synthetic_images, synthetic_state_dict
 
 FIXTURE = Path(__file__).parent / "fixtures" / "models" / "reference_outputs.npz"
 TOL = 1e-4

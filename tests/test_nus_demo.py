@@ -1,6 +1,6 @@
 """The NUS demo (configs/synthetic_nus.yaml): adaptive sampling beats uniform sampling at the same
 sampling size by at least 2 mIoU points at full resolution, on the mean over the config's four
-seeds (one seed's margin moves by a few points: README, NUS section).  Minutes on a CPU: marked slow.
+seeds (one seed's margin moves by a few points: docs/nus.md).  Minutes on a CPU: marked slow.
 
     python -m pytest -m slow tests/test_nus_demo.py
 """

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from experiment.config import ExperimentConfig
+from experiment.methods.nus import NUSExperimentConfig
 from experiment.train import main
 from utils.config import ConfigError, load_config
 
@@ -40,7 +40,7 @@ def test_compare_writes_results_table_picture_and_resumes(tiny_cityscapes, tmp_p
     assert (out / "aux" / "aux_net.pth").is_file()
     for stage in ("aux", "uniform_16x16", "adaptive_16x16"):
         state = torch.load(out / stage / "last.pth", map_location="cpu", weights_only=True)
-        assert state["iteration"] == state["total"] == 2
+        assert state["iteration"] == state["total_iterations"] == 2
     # --resume skips the finished stages (checkpoints untouched) and gives the same numbers.
     stamps = {s: os.path.getmtime(out / s / "last.pth") for s in ("aux", "uniform_16x16", "adaptive_16x16")}
     time.sleep(0.05)
@@ -61,11 +61,11 @@ def test_uniform_mode_trains_no_auxiliary_net(tiny_cityscapes, tmp_path):
 
 def test_bad_nus_settings_are_named():
     with pytest.raises(ConfigError, match="nus.mode"):
-        load_config(ExperimentConfig, ["configs/synthetic_nus.yaml"], ["nus.mode=fancy"])
+        load_config(NUSExperimentConfig, ["configs/synthetic_nus.yaml"], ["nus.mode=fancy"])
     with pytest.raises(ConfigError, match="nus.aux_input_size"):
-        load_config(ExperimentConfig, ["configs/synthetic_nus.yaml"], ["nus.aux_input_size=60"])
+        load_config(NUSExperimentConfig, ["configs/synthetic_nus.yaml"], ["nus.aux_input_size=60"])
     with pytest.raises(ConfigError, match="nus.gather"):
-        load_config(ExperimentConfig, ["configs/synthetic_nus.yaml"], ["nus.gather=cubic"])
+        load_config(NUSExperimentConfig, ["configs/synthetic_nus.yaml"], ["nus.gather=cubic"])
 
 
 def test_missing_aux_checkpoint_is_one_clear_error(tiny_cityscapes, tmp_path, capsys):

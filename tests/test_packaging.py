@@ -1,4 +1,4 @@
-"""Packaging that leaves a user's environment alone (issue 16): only the plug-ins are top-level
+"""Packaging that leaves a user's environment alone: only the plug-ins are top-level
 packages, the console scripts find the private packages themselves, an installed copy resolves
 its configs and their relative paths without depending on the current directory, and the
 Docker image runs the main job and the tests.  The real `pip install` into a virtual
@@ -110,12 +110,13 @@ def test_installed_copy_keeps_foreign_datasets_and_resolves_paths_from_cwd(insta
         "import inverseform_seg, sys\n"
         "root = inverseform_seg.activate()\n"
         "import experiment.paths as paths\n"
-        "from experiment.config import ExperimentConfig, RegressorConfig\n"
+        "from experiment.methods.regressor import RegressorConfig\n"
+        "from experiment.run_config import load_run_config\n"
         "assert paths.INSTALLED_COPY and str(paths.CODE_ROOT) == str(root), (paths.CODE_ROOT, root)\n"
-        "cfg = paths.load_run_config(ExperimentConfig, ['synthetic'])\n"
+        "cfg = load_run_config(['synthetic'])\n"
         "print(cfg.output_dir); print(cfg.data.synthetic_dir); print(cfg.loss.inverseform_path)\n"
         "print(cfg.loss.regressor_config)\n"
-        "reg = paths.load_run_config(RegressorConfig, [cfg.loss.regressor_config])\n"
+        "reg = load_run_config([cfg.loss.regressor_config], schema=RegressorConfig)\n"
         "print(reg.output_dir)\n"
     )
     proc = run_python(code, site, work)

@@ -1,4 +1,4 @@
-"""Issue 14 (reliability), the pieces below the scripts: atomic writes keep the umask's mode,
+"""Reliability of the pieces below the scripts: atomic writes keep the umask's mode,
 name the file on disk-full and pass a Ctrl-C through; config values must be finite numbers
 and intervals sensible; loss inputs are checked as documented."""
 import errno

@@ -1,4 +1,4 @@
-"""Issue 14 (reliability): the loss plug-in's input rules (edge targets 0/1/ignore, shared by
+"""Reliability of the loss plug-in: its's input rules (edge targets 0/1/ignore, shared by
 BCE and InverseForm; empty batches; float labels)."""
 import pytest
 import torch

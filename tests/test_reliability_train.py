@@ -1,4 +1,4 @@
-"""Issue 14 (reliability), training: a finished run is never silently replaced, a checkpoint
+"""Reliability of training: a finished run is never silently replaced, a checkpoint
 never holds NaN/Inf, --resume continues exactly or says which settings stop it, a torn log
 line does not block a resume, SIGTERM ends with a checkpoint, and user mistakes are one line."""
 import json
@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiment.common import UserError, run_main
+from experiment.cli import run_main
+from experiment.errors import UserError
 from experiment.config import ExperimentConfig
-from experiment.engine import NonFiniteLossError, NonFiniteWeightsError, load_training_checkpoint
-from experiment.train import build_parser, train
+from experiment.checkpoints import load_training_checkpoint
+from experiment.errors import NonFiniteLossError, NonFiniteWeightsError
+from experiment.methods import train
+from experiment.train import build_parser
 from utils import dist
 from utils.config import load_config
 
@@ -62,7 +65,7 @@ def copy_run(src, dst):
     return dst
 
 
-# ----------------------------------------------------------------------------- defect 1 / 10
+# ----------------------------------------------------------- the run directory
 def test_a_finished_run_is_not_replaced_without_overwrite(tiny_cityscapes, regressor, tmp_path, ctx):
     out = tmp_path / "run"
     train(config(tiny_cityscapes, out, regressor, **{"train.max_iters": 1}), ctx)
@@ -78,9 +81,9 @@ def test_a_finished_run_is_not_replaced_without_overwrite(tiny_cityscapes, regre
     assert iterations(out) == [1]
 
 
-# ----------------------------------------------------------------------------- defect 2
+# -------------------------------------------------------------- finite weights
 def test_non_finite_weights_are_never_checkpointed(tiny_cityscapes, regressor, tmp_path, ctx, monkeypatch):
-    import experiment.train as train_module
+    from experiment.engine import OptimizerSpec
 
     class PoisonedSGD(torch.optim.SGD):
         def step(self, closure=None):  # what lr=1e30 does, without waiting for the overflow
@@ -89,10 +92,10 @@ def test_non_finite_weights_are_never_checkpointed(tiny_cityscapes, regressor, t
                 self.param_groups[0]["params"][0].fill_(float("inf"))
             return out
 
-    def poisoning_optimizer(cfg, net):
-        return PoisonedSGD(net.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    def poisoning_optimizer(spec, params):
+        return PoisonedSGD(params, lr=spec.lr, momentum=spec.momentum)
 
-    monkeypatch.setattr(train_module, "build_optimizer", poisoning_optimizer)
+    monkeypatch.setattr(OptimizerSpec, "build", poisoning_optimizer)
     with pytest.raises(NonFiniteWeightsError, match=r"iteration 1 .*last.pth was not written; no checkpoint was "
                                                     r"written yet"):
         train(config(tiny_cityscapes, tmp_path, regressor, **{"train.checkpoint_interval": 1}), ctx)
@@ -100,7 +103,7 @@ def test_non_finite_weights_are_never_checkpointed(tiny_cityscapes, regressor, t
 
 
 def test_non_finite_loss_message_says_what_is_on_disk(tiny_cityscapes, regressor, tmp_path, ctx, monkeypatch):
-    from experiment import losses
+    from experiment.methods import segmentation as losses
 
     real = losses.SegmentationObjective.forward
 
@@ -113,7 +116,7 @@ def test_non_finite_loss_message_says_what_is_on_disk(tiny_cityscapes, regressor
         train(config(tiny_cityscapes, tmp_path, regressor), ctx)
 
 
-# ----------------------------------------------------------------------------- defect 4 / 9 / 11
+# ---------------------------------------------------------------------- resume
 @pytest.mark.parametrize("change, named", [
     ({"optim.lr": 0.02}, "optim.lr 0.01 -> 0.02"),
     ({"train.batch_size": 1}, "train.batch_size 2 -> 1"),
@@ -160,7 +163,7 @@ def test_resume_flag_takes_an_optional_path():
     assert parse(["--config", "c.yaml"]).resume is False
 
 
-# ----------------------------------------------------------------------------- defect 5
+# ------------------------------------------------------------- the history log
 def test_a_torn_last_log_line_is_dropped_on_resume(stopped_run, tiny_cityscapes, regressor, tmp_path, ctx, caplog):
     out = copy_run(stopped_run, tmp_path / "run")
     with open(out / "train_log.jsonl", "a") as f:
@@ -179,14 +182,14 @@ def test_a_damaged_middle_log_line_names_the_file_and_line(stopped_run, tiny_cit
         train(config(tiny_cityscapes, out, regressor), ctx, resume=True)
 
 
-# ----------------------------------------------------------------------------- defect 6
+# --------------------------------------------------- settings checked at start
 def test_num_classes_that_does_not_fit_the_dataset_is_refused_at_start(tiny_cityscapes, regressor, tmp_path, ctx):
     with pytest.raises(UserError, match=r"'model.num_classes' is 10 but the dataset .* has 19 classes"):
         train(config(tiny_cityscapes, tmp_path, regressor, **{"model.num_classes": 10}), ctx)
     assert not (tmp_path / "last.pth").exists()
 
 
-# ----------------------------------------------------------------------------- defect 9
+# ------------------------------------------------------------- one-line errors
 def run_main_exit(fn, capsys):
     with pytest.raises(SystemExit) as info:
         run_main(fn)
@@ -242,7 +245,7 @@ def test_dataloader_worker_errors_become_their_original_line(capsys):
     assert err == "[rank 0] error: cannot read image file /d/a.png: unreadable, truncated or not an image"
 
 
-# ----------------------------------------------------------------------------- SIGTERM (defect 11)
+# --------------------------------------------------------------------- SIGTERM
 def cli(out, root, regressor, extra=()):
     env = {k: v for k, v in os.environ.items() if k not in dist.ENV_KEYS}
     env["OMP_NUM_THREADS"] = "1"

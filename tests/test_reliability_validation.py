@@ -1,4 +1,4 @@
-"""Issue 14 (reliability), validation: the loss does not depend on batch size or world size
+"""Reliability of validation: the loss does not depend on batch size or world size
 (nor lose its breakdown on an empty shard), NaN/Inf logits and weights are refused, bad
 files are one-line errors, and validation never writes into another run's directory."""
 import json
@@ -17,10 +17,11 @@ from experiment import validation
 from experiment.config import LossConfig
 from experiment.data import eval_loader, val_dataset
 from experiment.config import DataConfig
-from experiment.losses import joint_loss
-from experiment.validation import NonFiniteOutputError, evaluate
+from experiment.joint_loss import joint_loss
+from experiment.errors import NonFiniteOutputError
+from experiment.evaluation import evaluate
 from inverseform import InverseFormLoss, InverseNet
-from models.testing import synthetic_state_dict
+from synthetic_weights import synthetic_state_dict
 from utils import dist
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -207,7 +207,7 @@ def test_exact_kernel_is_the_dense_gaussian_sum():
 
 def test_lattice_is_about_057_times_the_exact_kernel():
     """The lattice is not the exact Gaussian: the published weights were tuned on it.  Its loss is
-    about 0.57 x the exact one on image-like inputs (README); the gradients point the same way."""
+    about 0.57 x the exact one on image-like inputs (docs/rloss.md); the gradients point the same way."""
     image, seg = smooth_image(2, 32, 40, seed=10), probabilities(2, 5, 32, 40, seed=11)
     roi = torch.ones(2, 32, 40)
     lat = densecrf_loss(image, seg, roi, 1.0, 15.0, 20.0)

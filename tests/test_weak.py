@@ -14,10 +14,11 @@ import torch
 from datasets import TrainTransform, ValTransform
 from datasets.scribbles import ScribbleCityscapes, draw_scribbles, labeled_fraction
 from datasets.voc import VOCSegmentation, voc_colormap
-from experiment.common import UserError
-from experiment.config import ExperimentConfig
-from experiment.weak import WeakObjective, check_config, partial_cross_entropy, run_comparison
-from utils.config import load_config
+from experiment.errors import UserError
+from experiment.comparisons.supervision import compare_supervision
+from experiment.methods import RunOptions
+from experiment.methods.weak import WeakObjective, check_config, partial_cross_entropy
+from experiment.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +141,7 @@ def weak_config(**extra):
     opts = {"weak.enabled": "true", "model.has_edge": "false", "loss.densecrf_weight": 1e-3,
             "loss.densecrf_sigma_xy": 20}
     opts.update(extra)
-    return load_config(ExperimentConfig, [], [f"{k}={v}" for k, v in opts.items()])
+    return load_run_config([], [f"{k}={v}" for k, v in opts.items()])
 
 
 def test_partial_cross_entropy_is_the_mean_over_labeled_pixels():
@@ -169,7 +170,8 @@ def test_weak_objective_adds_the_densecrf_term():
     total.backward()
     # the DenseCRF term reaches unlabeled pixels, which pCE alone never does
     assert logits.grad[:, :, 0].abs().sum() > 0
-    pce_only = WeakObjective(weak_config(**{"loss.densecrf_weight": 0}).loss, cfg.weak, 19)
+    zero = weak_config(**{"loss.densecrf_weight": 0})
+    pce_only = WeakObjective(zero.loss, zero.weak, 19)
     assert set(pce_only({"pred": logits}, label, None)[1]) == {"pce"}
 
 
@@ -188,7 +190,7 @@ def test_comparison_trains_three_runs_and_writes_comparison_json(tiny_cityscapes
             "train.amp": "off", "val.batch_size": 1, "val.num_workers": 0, "val.max_images": 1,
             "weak.compare": "true", "weak.min_area": 10}
     cfg = weak_config(**opts)
-    summary = run_comparison(cfg, ctx)
+    summary = compare_supervision(cfg, ctx, RunOptions())
     written = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert written["pce_miou"] == summary["pce_miou"]
     for key in ("pce_miou", "densecrf_miou", "full_miou"):
@@ -207,8 +209,9 @@ def test_comparison_in_two_child_processes_equals_the_serial_one(tiny_cityscapes
             "weak.min_area": 10, "weak.cpu_threads": 1}
     threads = torch.get_num_threads()
     try:
-        serial = run_comparison(weak_config(output_dir=tmp_path / "serial", **opts), ctx)
-        parallel = run_comparison(weak_config(output_dir=tmp_path / "parallel", **{**opts, "weak.processes": 2}), ctx)
+        serial = compare_supervision(weak_config(output_dir=tmp_path / "serial", **opts), ctx, RunOptions())
+        parallel = compare_supervision(weak_config(output_dir=tmp_path / "parallel", **{**opts, "weak.processes": 2}), ctx,
+                                       RunOptions())
     finally:
         torch.set_num_threads(threads)
     for key in ("pce_miou", "densecrf_miou", "full_miou"):
@@ -220,7 +223,7 @@ def test_comparison_in_two_child_processes_equals_the_serial_one(tiny_cityscapes
 
 
 def test_training_on_voc_scribbles(tmp_path, ctx):
-    from experiment.train import train
+    from experiment.methods import train
 
     make_voc(tmp_path / "voc")
     cfg = weak_config(**{"output_dir": tmp_path / "run", "weak.source": "voc", "weak.voc_dir": tmp_path / "voc",

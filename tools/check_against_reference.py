@@ -23,7 +23,7 @@ script to a temporary directory):
   rejects that combination; with a size it never had an effect).
 
 For each configuration both models get the same weights
-(``models.testing.synthetic_state_dict``) and the same seeded input; the script
+(``tests/synthetic_weights.py``: ``synthetic_state_dict``) and the same seeded input; the script
 prints the maximum absolute difference of every output, in eval mode and in
 train mode (the reference's train-mode tensors are captured from the arguments
 it passes to its criterion).  ``--write-fixture`` saves a subsample of the
@@ -85,9 +85,9 @@ STUBS = {
 
 
 def _load_testing_module():
-    """models/testing.py by path, so the reference's own ``models`` package can own the name."""
+    """tests/synthetic_weights.py by path (the tests folder is no package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("_ours_testing", os.path.join(REPO, "models", "testing.py"))
+    spec = importlib.util.spec_from_file_location("_ours_testing", os.path.join(REPO, "tests", "synthetic_weights.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -187,7 +187,8 @@ def reference_worker(reference_dir: str, names: List[str], out_path: str) -> Non
 def run_ours(name: str):
     sys.path.insert(0, REPO)
     import models
-    from models.testing import synthetic_images, synthetic_state_dict
+    testing = _load_testing_module()
+    synthetic_images, synthetic_state_dict = testing.synthetic_images, testing.synthetic_state_dict
     arch, base, has_edge, shape, scales = CONFIGS[name]
     options = {"scales": scales} if scales is not None else {}
     net = models.get_net(arch, num_classes=19, has_edge=has_edge, hrnet_base=base, **options)

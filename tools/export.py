@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from experiment.common import UserError, run_main, str2bool
+from experiment.cli import run_main, str2bool
+from experiment.errors import UserError
 from models import ARCHS, get_net, load_checkpoint
 
 HMS_ARCH = "ocrnet.HRNet_Mscale"

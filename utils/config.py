@@ -168,10 +168,18 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
+Override = Union[str, Tuple[str, Any]]
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[Override]) -> Dict[str, Any]:
+    """``overrides``: ``"key.sub=value"`` texts (the value parsed as YAML) or ``(key, value)``
+    pairs whose value is taken as it is (flags already typed by argparse)."""
     out = dict(data)
-    for text in overrides:
-        parts, value = parse_override(text)
+    for item in overrides:
+        if isinstance(item, tuple):
+            parts, value = str(item[0]).split("."), item[1]
+        else:
+            parts, value = parse_override(item)
         nested: Any = value
         for part in reversed(parts):
             nested = {part: nested}
@@ -336,17 +344,31 @@ def config_to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_config(cls: Type[T], paths: Sequence[Union[str, os.PathLike]] = (),
-                overrides: Sequence[str] = (), defaults: Optional[Mapping[str, Any]] = None,
-                root_of: Optional[RootOf] = None) -> T:
-    """Merge ``defaults``, then each YAML file, then ``key=value`` overrides; build ``cls``.
-    Relative :func:`path_field` values of a file resolve against ``root_of(file)`` (default
-    :func:`project_root`)."""
+def merged_data(paths: Sequence[Union[str, os.PathLike]] = (), overrides: Sequence[Override] = (),
+                defaults: Optional[Mapping[str, Any]] = None, *, cls: Optional[Type[Any]] = None,
+                root_of: Optional[RootOf] = None) -> Dict[str, Any]:
+    """``defaults``, then each YAML file, then the overrides, merged into one mapping (not yet
+    checked against a schema).  With ``cls``, the relative path values of its :func:`path_field`
+    keys are resolved per file (against ``root_of(file)``, default :func:`project_root`)."""
     data: Dict[str, Any] = dict(defaults or {})
-    keys = path_keys(cls)
+    keys = path_keys(cls) if cls is not None else None
     for path in paths:
         data = deep_merge(data, read_yaml(path, paths=keys, root_of=root_of))
-    data = apply_overrides(data, overrides)
+    return apply_overrides(data, overrides)
+
+
+def load_config(cls: Type[T], paths: Sequence[Union[str, os.PathLike]] = (),
+                overrides: Sequence[Override] = (), defaults: Optional[Mapping[str, Any]] = None,
+                root_of: Optional[RootOf] = None,
+                migrate: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> T:
+    """Merge ``defaults``, then each YAML file, then ``key=value`` overrides; build ``cls``.
+    Relative :func:`path_field` values of a file resolve against ``root_of(file)`` (default
+    :func:`project_root`).  ``migrate``: rewrites the merged mapping before it is checked (keys
+    renamed by a newer schema)."""
+    data = merged_data(paths, overrides, defaults, cls=cls, root_of=root_of)
+    if migrate is not None:
+        data = migrate(data)
+    keys = path_keys(cls)
     obj = build_dataclass(cls, data)
     if paths:  # the schema's own relative defaults belong to the same project as the config's paths
         _anchor_defaults(obj, data, keys, (root_of or project_root)(Path(paths[-1])))

@@ -165,12 +165,6 @@ def any_rank_true(flag: bool, device: torch.device = torch.device("cpu")) -> boo
     return bool(t.item() > 0)
 
 
-def rank0_print(*args: Any, **kwargs: Any) -> None:
-    if is_main_process():
-        print(*args, **kwargs)
-        sys.stdout.flush()
-
-
 class _RankFilter(logging.Filter):
     def __init__(self, rank: int):
         super().__init__()

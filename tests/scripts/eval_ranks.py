@@ -11,8 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import models  # noqa: E402
 from experiment.config import DataConfig, LossConfig  # noqa: E402
 from experiment.data import eval_loader, val_dataset  # noqa: E402
-from experiment.losses import joint_loss  # noqa: E402
-from experiment.validation import evaluate  # noqa: E402
+from experiment.joint_loss import joint_loss  # noqa: E402
+from experiment.evaluation import evaluate  # noqa: E402
 from inverseform import InverseFormLoss, InverseNet  # noqa: E402
 from utils import dist  # noqa: E402
 

@@ -6,9 +6,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from experiment.common import run_main  # noqa: E402
+from experiment.cli import run_main  # noqa: E402
 from experiment.config import ExperimentConfig  # noqa: E402
-from experiment.train import train  # noqa: E402
+from experiment.methods import train  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.config import load_config  # noqa: E402
 

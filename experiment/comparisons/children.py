@@ -18,15 +18,15 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from experiment.common import StopRequested, UserError
 from experiment.config import ExperimentConfig
-from experiment.run_safety import StopSignal
+from experiment.errors import StopRequested, UserError
+from experiment.signals import StopSignal
 from utils import dist
 from utils.config import save_config
 
 log = logging.getLogger("experiment.children")
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass

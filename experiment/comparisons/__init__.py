@@ -1,0 +1,50 @@
+"""Comparisons: drivers above the engine that start ordinary runs and report them side by side
+(the InverseForm ablation, the supervision comparison for scribbles, uniform vs adaptive
+sampling over seeds).  Each claims its own directory like a run does, and hands its runs to the
+engine in this process or to child processes (children.py)."""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Mapping
+
+from experiment.errors import UserError
+from experiment.methods import RunOptions
+from experiment.run_dir import Outputs, claim_output_dir
+from experiment.runtime import on_main_first
+
+
+def claim_comparison_dir(output_dir: str, outputs: Outputs, options: RunOptions) -> None:
+    """Refuse a directory holding an earlier comparison unless resumed or ``--overwrite``d (then
+    all its runs are moved aside together)."""
+    if options.stop_after is not None:
+        raise UserError("--stop_after stops a single run; a comparison stops with SIGTERM (each unfinished run "
+                        "checkpoints) and continues with --resume")
+    if isinstance(options.resume, str) and options.resume not in ("", "auto"):
+        raise UserError(f"--resume {options.resume}: a comparison continues each of its runs from its own "
+                        "OUTPUT_DIR/<run>/last.pth; give --resume without a path")
+
+    def claim() -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        claim_output_dir(output_dir, outputs, overwrite=options.overwrite, resuming_here=bool(options.resume))
+
+    on_main_first(claim)
+
+
+def run_options(options: RunOptions) -> RunOptions:
+    """The options of one run of a comparison: continued when the comparison is resumed and the
+    run has a checkpoint, started anew otherwise."""
+    return RunOptions(resume="auto" if options.resume else False)
+
+
+def with_settings(cfg: Any, output_dir: str, settings: Mapping[str, Any]) -> Any:
+    """A copy of ``cfg`` writing into ``output_dir``, with the dotted ``settings`` applied."""
+    sub = copy.deepcopy(cfg)
+    sub.output_dir = output_dir
+    for key, value in settings.items():
+        *path, name = key.split(".")
+        owner = sub
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, name, value)
+    return sub

@@ -1,0 +1,97 @@
+"""Process-level pieces every run uses: autocast choice, seeding, CPU threads, rank-0
+TensorBoard, and running a step on rank 0 first with its error shared by every rank."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from experiment.errors import USER_ERRORS, UserError, one_line
+from utils import dist
+from utils.config import ConfigError
+
+
+def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """'auto': bf16 on CUDA, off on CPU; 'off'; 'fp16'; 'bf16'.  Returns the autocast dtype or None."""
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if mode in ("off", "false", "none"):
+        return None
+    if mode in ("bf16", "on", "true"):
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    raise ConfigError(f"amp must be one of auto, off, fp16, bf16; got {mode!r}")
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def set_threads_for_cpu(world_size: int) -> None:
+    """Share the machine's cores between local CPU processes (torchrun sets OMP_NUM_THREADS=1
+    only when it is unset, and a single process keeps torch's default)."""
+    if "OMP_NUM_THREADS" in os.environ or world_size <= 1:
+        return
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
+class Rank0Writer:
+    """TensorBoard on rank 0, silent elsewhere; also a no-op after ``close``.  ``purge_step``: a
+    resumed run hides the events an interrupted run wrote at or after that step."""
+
+    def __init__(self, log_dir: str, enabled: bool, purge_step: Optional[int] = None):
+        self._writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        writer = self.__dict__.get("_writer")
+        if writer is None:
+            return lambda *args, **kwargs: None
+        return getattr(writer, name)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def on_main_first(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only (e.g. make a dataset), then share its result or its error
+    with every rank, so that all of them fail together instead of waiting forever."""
+    result, error, caught = None, None, None
+    if dist.is_main_process():
+        try:
+            result = fn()
+        except USER_ERRORS as exc:
+            caught = exc
+            error = one_line(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {one_line(exc)}"
+    result, error = dist.broadcast_object((result, error))
+    if caught is not None:  # rank 0 reports its own error as it is
+        raise caught
+    if error is not None:
+        raise UserError(f"on rank 0: {error}")
+    return result
+
+
+def human_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
