@@ -1,5 +1,6 @@
-"""Data for boundary-aware segmentation: Cityscapes (real or synthetic), transforms,
-edge targets and samplers.  Knows no model and no loss.
+"""Data for boundary-aware segmentation: Cityscapes (real or synthetic), your own data in a folder
+layout with a class table (NYU-Depth-v2 as one configuration), transforms, edge targets and
+samplers.  Knows no model and no loss.
 
 Heavy submodules (torch-based) load on first use, so ``python -m datasets.synthetic``
 and the label helpers stay quick to import.
@@ -13,6 +14,11 @@ from .root import resolve_root
 
 _LAZY = {
     "Cityscapes": "cityscapes",
+    "SegmentationDataset": "segmentation_dataset",
+    "ClassTable": "class_table",
+    "FolderSegmentation": "folder",
+    "NYUDepthV2": "nyu",
+    "nyu40_class_table": "nyu",
     "TrainTransform": "transforms",
     "ValTransform": "transforms",
     "IMAGENET_MEAN": "transforms",
@@ -22,6 +28,8 @@ _LAZY = {
     "ensure_synthetic": "synthetic",
     "generate_synthetic": "synthetic",
     "ScribbleCityscapes": "scribbles",
+    "ScribbleFolderSegmentation": "scribbles",
+    "ScribbleLabels": "scribbles",
     "draw_scribbles": "scribbles",
     "VOCSegmentation": "voc",
     "VOC_NUM_CLASSES": "voc",

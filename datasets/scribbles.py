@@ -1,9 +1,9 @@
 """Scribbles: partial labels for weakly-supervised training (255 = unlabeled).
 
 Real scribbles (PASCAL VOC's ``pascal_2012_scribble``) are read by :mod:`datasets.voc`. Here
-they are drawn from full labels, so that scribble training runs on the synthetic Cityscapes
-with no download: every object (connected region of one class, at least ``min_area`` pixels)
-gets one straight stroke ``width`` pixels wide, through a point well inside it, along its
+they are drawn from full labels (of Cityscapes, the synthetic one, or a folder dataset), so that
+scribble training runs with no download: every object (connected region of one class, at least
+``min_area`` pixels) gets one straight stroke ``width`` pixels wide, through a point well inside it, along its
 main axis (turned by up to 20 degrees at random), as long as needed to cover about
 ``fraction`` of the region, and kept inside the region (one pixel away from its border).
 Like hand-drawn scribbles they sit inside objects and leave the boundaries unlabeled.
@@ -14,10 +14,14 @@ import math
 import cv2
 import numpy as np
 
+from utils.errors import InvalidInputError
+
 from .cityscapes import Cityscapes
+from .folder import FolderSegmentation
 from .labels import IGNORE_INDEX
 
-__all__ = ["draw_scribbles", "ScribbleCityscapes", "labeled_fraction"]
+__all__ = ["draw_scribbles", "ScribbleLabels", "ScribbleCityscapes", "ScribbleFolderSegmentation",
+           "labeled_fraction"]
 
 
 def labeled_fraction(label, ignore_index=IGNORE_INDEX):
@@ -76,17 +80,18 @@ def draw_scribbles(label, rng, fraction=0.03, width=3, min_area=30, ignore_index
     return out
 
 
-class ScribbleCityscapes(Cityscapes):
-    """Cityscapes (real or synthetic) whose training labels are scribbles drawn from the full
-    labels (:func:`draw_scribbles`), deterministic by ``(scribble_seed, image index)``; the
-    transform should carry the roi (``TrainTransform(with_roi=True)``).  Validation uses the
-    plain :class:`Cityscapes` with full labels."""
+class ScribbleLabels:
+    """Mixin for a dataset of :mod:`datasets.segmentation_dataset` (Cityscapes, FolderSegmentation):
+    its labels become scribbles drawn from the full labels (:func:`draw_scribbles`), deterministic
+    by ``(scribble_seed, image index)``; the transform should carry the roi
+    (``TrainTransform(with_roi=True)``).  Validation uses the plain dataset with full labels.
+    List it first: ``class ScribbleX(ScribbleLabels, X)``."""
 
     def __init__(self, root, split, transform=None, scribble_seed=0, scribble_fraction=0.03, stroke_width=3,
                  min_area=30, precompute=False, **kwargs):
         super().__init__(root, split, transform=transform, **kwargs)
         if not self.has_labels:
-            raise ValueError(f"ScribbleCityscapes: split {split!r} has no labels to draw scribbles from")
+            raise InvalidInputError(f"{type(self).__name__}: split {split!r} has no labels to draw scribbles from")
         self.scribble_seed = int(scribble_seed)
         self.scribble_fraction = float(scribble_fraction)
         self.stroke_width = int(stroke_width)
@@ -113,5 +118,14 @@ class ScribbleCityscapes(Cityscapes):
         return super()._train_ids(self.items[item_index][2])
 
     def __repr__(self):
-        return (f"ScribbleCityscapes(root={self.root!r}, split={self.split!r}, n={len(self)}, "
+        return (f"{type(self).__name__}(root={self.root!r}, split={self.split!r}, n={len(self)}, "
                 f"seed={self.scribble_seed}, fraction={self.scribble_fraction}, width={self.stroke_width})")
+
+
+class ScribbleCityscapes(ScribbleLabels, Cityscapes):
+    """Cityscapes (real or synthetic) with scribbles drawn from its full labels (:class:`ScribbleLabels`)."""
+
+
+class ScribbleFolderSegmentation(ScribbleLabels, FolderSegmentation):
+    """A :class:`~datasets.folder.FolderSegmentation` with scribbles drawn from its full labels
+    (:class:`ScribbleLabels`)."""

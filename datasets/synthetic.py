@@ -18,9 +18,18 @@ Test split: like the official release, ``--test K`` writes images and
 ``*_gtFine_labelIds.png`` files that carry no classes, only the void frame (unlabeled,
 ego vehicle, rectification border); the dataset never reads test labels.
 
+Folder layout (``layout="folder"``, ``--layout folder``): the same scenes as the generic layout
+of :class:`datasets.folder.FolderSegmentation`, for trying your own data's path end to end::
+
+    <root>/images/<split>/<city>/<name>.png      the images (byte-identical to the Cityscapes layout's)
+    <root>/labels/<split>/<city>/<name>.png      train ids 0..18, 255 = void (no labels for test)
+    <root>/classes.yaml                          the class table (Cityscapes' 19 names and colours)
+    <root>/colors/<split>/<city>/<name>.png      with --color: the labels in colour
+
 Command line::
 
     python -m datasets.synthetic --out data/synthetic_cityscapes --train 100 --val 20
+    python -m datasets.synthetic --out data/synthetic_folder --layout folder
 """
 import argparse
 import json
@@ -33,11 +42,15 @@ import tempfile
 import cv2
 import numpy as np
 
-from .labels import NUM_CLASSES, labelid_to_trainid, colorize
+from utils.io import current_umask
+
+from .class_table import CLASS_TABLE_NAME, ClassTable
+from .labels import NUM_CLASSES, TRAIN_CLASS_COLORS, TRAIN_CLASS_NAMES, labelid_to_trainid, colorize
 
 __all__ = [
     "DEFAULTS", "TRAIN_CITIES", "VAL_CITIES", "TEST_CITIES", "MANIFEST_NAME",
-    "GENERATOR_VERSION", "generate", "ensure_synthetic", "render_scene", "sample_name", "main",
+    "GENERATOR_VERSION", "LAYOUTS", "generate", "ensure_synthetic", "render_scene", "sample_name",
+    "synthetic_class_table", "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,6 +58,7 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "synthetic.json"
 DEFAULTS = dict(train=100, val=20, test=10, height=256, width=512, seed=0, color=False)
+LAYOUTS = ("cityscapes", "folder")  # the first is the default; only other layouts are named in the manifest
 MIN_HEIGHT, MIN_WIDTH = 64, 128  # below this thin classes (poles, signs) cannot all show
 
 # The official city names of each split.
@@ -647,10 +661,13 @@ def _write_png(path, array):
         raise OSError(f"could not write {path}")
 
 
-def _write_sample(root, split, index, seed, height, width, color):
+def _write_sample(root, split, index, seed, height, width, color, layout=LAYOUTS[0]):
     city, name = sample_name(split, index)
     rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODE[split], index]))
     image, label = render_scene(rng, height, width, labelled=(split != "test"))
+    if layout == "folder":
+        _write_folder_sample(root, split, city, name, image, label, color)
+        return
     img_dir = os.path.join(root, "leftImg8bit", split, city)
     gt_dir = os.path.join(root, "gtFine", split, city)
     os.makedirs(img_dir, exist_ok=True)
@@ -662,22 +679,53 @@ def _write_sample(root, split, index, seed, height, width, color):
         _write_png(os.path.join(gt_dir, f"{name}_gtFine_color.png"), rgb[:, :, ::-1])
 
 
-def _params(train, val, test, height, width, seed, color):
-    return dict(generator="datasets.synthetic", version=GENERATOR_VERSION, train=int(train),
-                val=int(val), test=int(test), height=int(height), width=int(width),
-                seed=int(seed), color=bool(color))
+def _write_folder_sample(root, split, city, name, image, label, color):
+    """One scene in the folder layout: the image, its train ids (not for test), its colours."""
+    folders = {kind: os.path.join(root, kind, split, city) for kind in ("images", "labels", "colors")}
+    os.makedirs(folders["images"], exist_ok=True)
+    _write_png(os.path.join(folders["images"], f"{name}.png"), image[:, :, ::-1])
+    if split == "test":
+        return
+    train_ids = labelid_to_trainid(label)
+    os.makedirs(folders["labels"], exist_ok=True)
+    _write_png(os.path.join(folders["labels"], f"{name}.png"), train_ids)
+    if color:
+        os.makedirs(folders["colors"], exist_ok=True)
+        _write_png(os.path.join(folders["colors"], f"{name}.png"), colorize(train_ids)[:, :, ::-1])
+
+
+def synthetic_class_table():
+    """The folder layout's class table: the 19 train classes stored as their train ids."""
+    return ClassTable(TRAIN_CLASS_NAMES, TRAIN_CLASS_COLORS, source="datasets.synthetic")
+
+
+def _params(train, val, test, height, width, seed, color, layout=LAYOUTS[0]):
+    params = dict(generator="datasets.synthetic", version=GENERATOR_VERSION, train=int(train),
+                  val=int(val), test=int(test), height=int(height), width=int(width),
+                  seed=int(seed), color=bool(color))
+    if layout != LAYOUTS[0]:
+        params["layout"] = layout
+    return params
+
+
+def _check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"synthetic: layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 def _generate_into(root, params, progress):
     from tqdm import tqdm
 
+    layout = params.get("layout", LAYOUTS[0])
     jobs = [(split, i) for split in ("train", "val", "test") for i in range(params[split])]
     with tqdm(total=len(jobs), desc="synthetic cityscapes", unit="img", disable=not progress,
               leave=False) as bar:
         for split, index in jobs:
             _write_sample(root, split, index, params["seed"], params["height"], params["width"],
-                          params["color"])
+                          params["color"], layout)
             bar.update(1)
+    if layout == "folder":
+        synthetic_class_table().write_yaml(os.path.join(root, CLASS_TABLE_NAME))
     with open(os.path.join(root, MANIFEST_NAME), "w") as f:
         json.dump(params, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -685,27 +733,33 @@ def _generate_into(root, params, progress):
 
 def generate(out_dir, train=DEFAULTS["train"], val=DEFAULTS["val"], test=DEFAULTS["test"],
              height=DEFAULTS["height"], width=DEFAULTS["width"], seed=DEFAULTS["seed"],
-             color=DEFAULTS["color"], overwrite=False, progress=True):
+             color=DEFAULTS["color"], overwrite=False, progress=True, layout=LAYOUTS[0]):
     """Write a synthetic dataset to ``out_dir`` atomically and return its path.
 
     The files are produced in a temporary directory beside ``out_dir`` and moved into
     place at the end, so an interrupted run leaves nothing half-written.  An existing
-    ``out_dir`` is an error unless ``overwrite``.
+    ``out_dir`` is an error unless ``overwrite``.  ``layout``: 'cityscapes' (the official
+    layout and label ids) or 'folder' (module docstring).
     """
+    _check_layout(layout)
     for key, value in (("train", train), ("val", val), ("test", test), ("seed", seed)):
         if int(value) < 0:
             raise ValueError(f"synthetic: {key} must be >= 0, got {value}")
     if height < MIN_HEIGHT or width < MIN_WIDTH:
         raise ValueError(f"synthetic: height must be >= {MIN_HEIGHT} and width >= {MIN_WIDTH}, "
                          f"got {height} x {width}")
-    params = _params(train, val, test, height, width, seed, color)
+    params = _params(train, val, test, height, width, seed, color, layout)
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"synthetic: {out_dir} already exists (use overwrite=True / --overwrite "
                               f"to replace it)")
+    if os.path.exists(out_dir) and read_manifest(out_dir) is None:
+        raise FileExistsError(f"synthetic: {out_dir} exists and is not a dataset this generator made (no "
+                              f"{MANIFEST_NAME}): it is never replaced; choose another --out")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: the dataset is for everyone the umask allows
     try:
         _generate_into(tmp, params, progress)
         if os.path.exists(out_dir) and not overwrite:
@@ -734,20 +788,22 @@ def read_manifest(root):
 
 def ensure_synthetic(root, train=DEFAULTS["train"], val=DEFAULTS["val"], test=DEFAULTS["test"],
                      height=DEFAULTS["height"], width=DEFAULTS["width"], seed=DEFAULTS["seed"],
-                     color=DEFAULTS["color"], progress=True):
+                     color=DEFAULTS["color"], progress=True, layout=LAYOUTS[0]):
     """Return ``root``, generating the synthetic dataset there first if it is absent.
 
     An existing root made with other parameters (or not made by this generator) is an
     error that says what differs, never silently reused.  Safe against concurrent callers
     (e.g. several ranks): each generates privately and the first to finish wins.
     """
+    _check_layout(layout)
     root = os.path.abspath(root)
-    wanted = _params(train, val, test, height, width, seed, color)
+    wanted = _params(train, val, test, height, width, seed, color, layout)
     if not os.path.exists(root):
         log.info("synthetic Cityscapes not found at %s; generating it (%d train, %d val, %d test, "
                  "%dx%d, seed %d)", root, train, val, test, height, width, seed)
         try:
-            generate(root, overwrite=False, progress=progress, **{k: wanted[k] for k in DEFAULTS})
+            generate(root, overwrite=False, progress=progress, layout=layout,
+                     **{k: wanted[k] for k in DEFAULTS})
         except FileExistsError:
             pass  # somebody else generated it meanwhile; check it below
         except OSError as err:
@@ -759,6 +815,8 @@ def ensure_synthetic(root, train=DEFAULTS["train"], val=DEFAULTS["val"], test=DE
         raise FileExistsError(f"{root} exists but holds no {MANIFEST_NAME}: it was not made by "
                               f"datasets.synthetic (or generation was interrupted). Remove it or "
                               f"point the synthetic root elsewhere.")
+    wanted = dict(wanted, layout=layout)
+    found = dict(found, layout=found.get("layout", LAYOUTS[0]))
     diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
     if diff:
         text = ", ".join(f"{k}: found {a!r}, wanted {b!r}" for k, (a, b) in sorted(diff.items()))
@@ -771,7 +829,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="inverseform-synthetic",
         description="Write a synthetic dataset in the exact Cityscapes layout "
-                    "(leftImg8bit/, gtFine/ *_gtFine_labelIds.png with real label ids).")
+                    "(leftImg8bit/, gtFine/ *_gtFine_labelIds.png with real label ids), or with "
+                    "--layout folder in the generic folder layout (images/, labels/ with train ids, "
+                    "classes.yaml).")
     parser.add_argument_group("required arguments").add_argument("--out", required=True,
                                                                  help="output root directory")
     parser.add_argument("--train", type=int, default=DEFAULTS["train"], help="train images")
@@ -784,16 +844,22 @@ def main(argv=None):
                         help=f"image width in pixels (default {DEFAULTS['width']})")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"],
                         help="random seed: the same seed and sizes give byte-identical files")
-    parser.add_argument("--color", action="store_true", help="also write *_gtFine_color.png")
+    parser.add_argument("--color", action="store_true",
+                        help="also write the labels in colour (*_gtFine_color.png; colors/ in the folder layout)")
+    parser.add_argument("--layout", choices=LAYOUTS, default=LAYOUTS[0],
+                        help="cityscapes (default): the official layout; folder: images/<split>/, "
+                             "labels/<split>/ (train ids) and classes.yaml, for datasets.FolderSegmentation")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     kwargs = dict(train=args.train, val=args.val, test=args.test, height=args.height,
-                  width=args.width, seed=args.seed, color=args.color, progress=not args.quiet)
+                  width=args.width, seed=args.seed, color=args.color, progress=not args.quiet,
+                  layout=args.layout)
     try:
         if args.overwrite or not os.path.exists(args.out):
             root = generate(args.out, overwrite=args.overwrite, **kwargs)
-            print(f"wrote synthetic Cityscapes to {root}")
+            layout = "" if args.layout == LAYOUTS[0] else f" ({args.layout} layout)"
+            print(f"wrote synthetic Cityscapes{layout} to {root}")
         else:
             root = ensure_synthetic(args.out, **kwargs)
             print(f"{root} already holds this synthetic dataset; nothing to do")

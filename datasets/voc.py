@@ -15,7 +15,8 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from .cityscapes import imread_or_raise, read_image
+from .class_table import bit_interleaved_palette
+from .segmentation_dataset import imread_or_raise, read_image
 from .transforms import ValTransform
 
 __all__ = ["VOC_CLASSES", "VOC_NUM_CLASSES", "VOCSegmentation", "voc_colormap"]
@@ -29,16 +30,7 @@ LABEL_DIRS = {"scribble": "pascal_2012_scribble", "full": "SegmentationClassAug"
 
 def voc_colormap(n=256):
     """The VOC palette: RGB of class index i (bit-interleaved, as the devkit defines it)."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
+    return bit_interleaved_palette(n)
 
 
 def read_voc_label(path):

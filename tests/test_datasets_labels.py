@@ -4,17 +4,21 @@ import pytest
 
 from datasets import labels as L
 
-official = pytest.importorskip("cityscapesscripts.helpers.labels")
 
 
-def test_table_equals_cityscapesscripts():
+@pytest.fixture(scope="module")
+def official():
+    return pytest.importorskip("cityscapesscripts.helpers.labels")
+
+
+def test_table_equals_cityscapesscripts(official):
     assert len(L.labels) == len(official.labels) == 35
     for ours, theirs in zip(L.labels, official.labels):
         assert ours._fields == theirs._fields
         assert tuple(ours) == tuple(theirs)
 
 
-def test_train_class_names_colors_and_counts():
+def test_train_class_names_colors_and_counts(official):
     train = sorted((lb.trainId, lb.name, lb.color) for lb in official.labels
                    if 0 <= lb.trainId < 255)
     assert L.NUM_CLASSES == len(train) == 19 and L.IGNORE_INDEX == 255
@@ -22,7 +26,7 @@ def test_train_class_names_colors_and_counts():
     assert list(L.TRAIN_CLASS_COLORS) == [color for _, _, color in train]
 
 
-def test_labelid_to_trainid_matches_official_mapping_for_every_value():
+def test_labelid_to_trainid_matches_official_mapping_for_every_value(official):
     values = np.arange(256, dtype=np.uint8)
     expected = np.array([official.id2label[v].trainId if v in official.id2label else 255
                          for v in range(256)])
@@ -33,7 +37,7 @@ def test_labelid_to_trainid_matches_official_mapping_for_every_value():
     assert L.labelid_to_trainid(wide.astype(np.uint16)[:, 1:]).tolist() == [[0, 18], [255, 13]]
 
 
-def test_round_trip_labelids_trainids_labelids_for_every_trainid():
+def test_round_trip_labelids_trainids_labelids_for_every_trainid(official):
     rng = np.random.default_rng(0)
     train_ids = rng.choice(np.r_[np.arange(19), 255], size=(37, 53)).astype(np.uint8)
     train_ids[0, :20] = np.r_[np.arange(19), 255]  # every train id for sure
@@ -52,7 +56,7 @@ def test_trainid_to_labelid_rejects_non_train_ids():
         L.trainid_to_labelid(np.array([-1, 3]))
 
 
-def test_colorize_uses_official_colors_and_black_for_ignore():
+def test_colorize_uses_official_colors_and_black_for_ignore(official):
     train_ids = np.array([[0, 13, 255], [18, 10, 200]], dtype=np.uint8)
     rgb = L.colorize(train_ids)
     assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8

@@ -12,8 +12,6 @@ import datasets.synthetic as synthetic
 from datasets import resolve_root
 from datasets.labels import labelid_to_trainid
 
-official = pytest.importorskip("cityscapesscripts.helpers.labels")
-
 OFFICIAL_CITIES = {
     "train": {"aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf", "erfurt", "hamburg",
               "hanover", "jena", "krefeld", "monchengladbach", "strasbourg", "stuttgart", "tubingen",
@@ -21,9 +19,16 @@ OFFICIAL_CITIES = {
     "val": {"frankfurt", "lindau", "munster"},
     "test": {"berlin", "bielefeld", "bonn", "leverkusen", "mainz", "munich"},
 }
-VALID_IDS = {lb.id for lb in official.labels if lb.id >= 0}
-VOID_IDS = {lb.id for lb in official.labels if lb.category == "void" and lb.id >= 0}
-TRAIN_IDS_OF = {lb.id: lb.trainId for lb in official.labels if lb.id >= 0}
+
+
+@pytest.fixture(scope="module")
+def official():
+    """The official label table (cityscapesscripts, the test extra): the tests that compare with it
+    skip without it, the others run."""
+    labels = pytest.importorskip("cityscapesscripts.helpers.labels").labels
+    return {"valid": {lb.id for lb in labels if lb.id >= 0},
+            "void": {lb.id for lb in labels if lb.category == "void" and lb.id >= 0},
+            "train_id_of": {lb.id: lb.trainId for lb in labels if lb.id >= 0}}
 
 
 def all_files(root):
@@ -34,10 +39,10 @@ def label_files(root, split):
     return [f for f in all_files(root) if f.startswith(f"gtFine/{split}/") and f.endswith("_labelIds.png")]
 
 
-def official_train_ids(path):
+def official_train_ids(path, official):
     ids = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     lut = np.full(256, 255, np.int64)
-    for lid, tid in TRAIN_IDS_OF.items():
+    for lid, tid in official["train_id_of"].items():
         lut[lid] = tid
     return ids, lut[ids]
 
@@ -74,7 +79,7 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     assert not filecmp.cmpfiles(a, d, [f for f in files if f.endswith(".png")], shallow=False)[1]
 
 
-def test_names_and_ids_follow_cityscapes_conventions(tiny_cityscapes):
+def test_names_and_ids_follow_cityscapes_conventions(tiny_cityscapes, official):
     files = all_files(tiny_cityscapes)
     counts = {"train": 0, "val": 0, "test": 0}
     for rel in files:
@@ -96,12 +101,12 @@ def test_names_and_ids_follow_cityscapes_conventions(tiny_cityscapes):
     void_seen = set()
     for split in ("train", "val"):
         for rel in label_files(tiny_cityscapes, split):
-            ids, _ = official_train_ids(os.path.join(tiny_cityscapes, rel))
+            ids, _ = official_train_ids(os.path.join(tiny_cityscapes, rel), official)
             assert ids.shape == (64, 128) and ids.dtype == np.uint8
             values = set(np.unique(ids).tolist())
-            assert values <= VALID_IDS, (rel, values - VALID_IDS)
+            assert values <= official["valid"], (rel, values - official["valid"])
             assert {1, 2} <= values  # ego vehicle and rectification border in every frame
-            void_seen |= values & VOID_IDS
+            void_seen |= values & official["void"]
     assert len(void_seen) >= 4, void_seen
     for rel in label_files(tiny_cityscapes, "test"):  # test labels: only the void frame
         ids = cv2.imread(os.path.join(tiny_cityscapes, rel), cv2.IMREAD_UNCHANGED)
@@ -110,7 +115,7 @@ def test_names_and_ids_follow_cityscapes_conventions(tiny_cityscapes):
     assert (manifest["train"], manifest["val"], manifest["height"], manifest["width"]) == (6, 4, 64, 128)
 
 
-def test_default_size_dataset_has_every_class(default_dataset):
+def test_default_size_dataset_has_every_class(default_dataset, official):
     manifest = json.load(open(os.path.join(default_dataset, synthetic.MANIFEST_NAME)))
     assert {k: manifest[k] for k in synthetic.DEFAULTS} == synthetic.DEFAULTS
     assert manifest["train"] >= 100 and manifest["height"] >= 256
@@ -119,7 +124,7 @@ def test_default_size_dataset_has_every_class(default_dataset):
         files = label_files(default_dataset, split)
         assert len(files) == manifest[split]
         for rel in files:
-            _, train_ids = official_train_ids(os.path.join(default_dataset, rel))
+            _, train_ids = official_train_ids(os.path.join(default_dataset, rel), official)
             present = set(np.unique(train_ids).tolist()) - {255}
             assert present == set(range(19)), (rel, set(range(19)) - present)  # every class, every image
             union |= present

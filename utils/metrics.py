@@ -28,6 +28,11 @@
   >= t are edges), counts summed over the dataset, and the F-score at the best single threshold.
   Both maps are bands a few pixels wide (the targets mark pixels within 2 px of a boundary), so
   there is no thinning or one-to-one matching as in the BSDS benchmark.
+* Boundary IoU (Cheng et al., CVPR 2021; reference API bowenc0221/boundary-iou-api): per class,
+  the IoU of the ground-truth and predicted boundary bands, each the class mask minus its erosion
+  by d pixels (the mask padded by one background pixel, so the image border is a boundary),
+  d = max(1, round(0.02 x image diagonal)); pixels of void ground truth count in neither band;
+  intersections and unions summed over the dataset.
 
 Two implementations of the boundary metrics with the same definitions: the numpy/OpenCV
 ones (one image, on the host; the test oracle) and the torch ones (``*_batch``: a whole
@@ -43,6 +48,8 @@ from typing import Dict, List, Optional, Sequence
 import cv2
 import numpy as np
 import torch
+
+from utils.errors import InvalidInputError
 
 
 # ----------------------------------------------------------------------------- confusion matrix
@@ -349,6 +356,136 @@ def boundary_f_counts_batch(pred: torch.Tensor, target: torch.Tensor, num_classe
         return torch.from_numpy(np.stack(counts, 1).astype(np.int64)).to(pred.device)
     return torch.stack([class_histogram(torch.where(mask, label, num_classes), num_classes)
                         for mask, label in ((pred_hit, p), (pred_b, p), (gt_hit, t), (gt_b, t))], 1)
+
+
+# ----------------------------------------------------------------------------- Boundary IoU
+def boundary_iou_dilation(height: int, width: int, dilation_ratio: float = 0.02, pixels: Optional[int] = None) -> int:
+    """The width d of the Boundary IoU band: ``pixels`` when given, else the reference API's
+    ``max(1, int(round(dilation_ratio * image diagonal)))``."""
+    if pixels is not None:
+        if isinstance(pixels, bool) or not isinstance(pixels, (int, np.integer)) or pixels < 1:
+            raise InvalidInputError(f"boundary IoU: pixels must be an integer >= 1, got {pixels!r}")
+        return int(pixels)
+    if not dilation_ratio > 0:
+        raise InvalidInputError(f"boundary IoU: dilation_ratio must be > 0, got {dilation_ratio!r}")
+    return max(1, int(round(dilation_ratio * np.sqrt(height ** 2 + width ** 2))))
+
+
+def _class_or_sentinel(label, num_classes: int, on_host: bool):
+    """``label`` with every value outside 0..C-1 replaced by C (uint8, or uint16 beyond 255 classes,
+    on the host; int16 on the device): a class mask only asks "== c", so all other values may be one."""
+    if on_host:
+        dtype = np.uint8 if num_classes <= 255 else np.uint16
+        if label.dtype == dtype:
+            return np.minimum(label, dtype(num_classes))
+        # -1 wraps to the type's maximum, which the minimum brings down to C
+        return np.minimum(np.clip(label, -1, num_classes).astype(dtype), dtype(num_classes))
+    label = label.to(torch.int32)
+    return torch.where((label >= 0) & (label < num_classes), label, num_classes).to(torch.int16)
+
+
+def _band_counts(gt_key, pred_key, num_classes: int, histogram) -> tuple:
+    """(|G_c|, |P_c|, |G_c & P_c|) per class from the class of each pixel's ground-truth band and
+    predicted band (C where none): one joint (C+1) x (C+1) histogram, whose diagonal is the
+    intersection."""
+    joint = histogram(gt_key, pred_key).reshape(num_classes + 1, num_classes + 1)
+    return joint[:num_classes].sum(1), joint[:, :num_classes].sum(0), joint.diagonal()[:num_classes]
+
+
+def _joint_histogram_host(gt_key: np.ndarray, pred_key: np.ndarray, num_classes: int) -> np.ndarray:
+    bins = num_classes + 1
+    if gt_key.dtype == np.uint8 and gt_key.size < (1 << 24):  # float32 bins count exactly below 2^24
+        hist = cv2.calcHist([gt_key, pred_key], [0, 1], None, [bins, bins], [0, bins, 0, bins])
+        return hist.astype(np.int64)
+    return np.bincount((gt_key.astype(np.int64) * bins + pred_key).ravel(), minlength=bins * bins)
+
+
+def _uniform_box_host(label: np.ndarray, d: int) -> np.ndarray:
+    """H x W bool: the (2d+1)-square around the pixel lies inside the image and holds one value."""
+    h, w = label.shape
+    inside = np.zeros((h, w), dtype=bool)
+    if h <= 2 * d or w <= 2 * d:
+        return inside
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * d + 1, 2 * d + 1))
+    uniform = cv2.dilate(label, kernel) == cv2.erode(label, kernel)
+    inside[d:h - d, d:w - d] = uniform[d:h - d, d:w - d]
+    return inside
+
+
+def _uniform_box_device(label: torch.Tensor, d: int) -> torch.Tensor:
+    """:func:`_uniform_box_host` for a B x H x W batch on its device: a (2d+1)-square max and min
+    as two separable max-pools each (the values are small integers, exact in float32)."""
+    h, w = label.shape[-2:]
+    inside = torch.zeros(label.shape, dtype=torch.bool, device=label.device)
+    if h <= 2 * d or w <= 2 * d:
+        return inside
+    k = 2 * d + 1
+    x = label.to(torch.float32).unsqueeze(1)
+
+    def box_max(t):
+        t = torch.nn.functional.max_pool2d(t, (1, k), stride=1, padding=(0, d))
+        return torch.nn.functional.max_pool2d(t, (k, 1), stride=1, padding=(d, 0))
+
+    uniform = (box_max(x) == -box_max(-x)).squeeze(1)
+    inside[..., d:h - d, d:w - d] = uniform[..., d:h - d, d:w - d]
+    return inside
+
+
+def boundary_iou_counts_batch(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                              dilation_ratio: float = 0.02, pixels: Optional[int] = None, ignore_index: int = 255,
+                              *, host: Optional[bool] = None) -> torch.Tensor:
+    """Boundary IoU counts of a batch (B x H x W train ids), summed over its images, on the inputs'
+    device: C x 2 int64, per class [|G_c & P_c|, |G_c | P_c|] (Cheng et al., CVPR 2021).
+
+    G_c is the band of the ground-truth mask of class c: the mask minus its erosion by d pixels
+    (d from :func:`boundary_iou_dilation`), the mask padded by one pixel of background first, as
+    the reference API's ``mask_to_boundary`` (so the image border counts as a boundary); P_c the
+    same for the prediction.  Pixels whose ground truth is ``ignore_index`` count in neither band.
+    The erosion is not computed per class: a mask pixel survives d erosions by the 3 x 3 square
+    exactly when the (2d+1)-square around it lies inside the image and holds its class only,
+    i.e. when the label map's grey dilation and erosion by that square agree there.
+    ``host``: OpenCV/numpy on the (CPU) tensors' memory; default: only for CPU tensors."""
+    _check_batch(pred, target, "boundary_iou_counts_batch")
+    d = boundary_iou_dilation(*target.shape[-2:], dilation_ratio=dilation_ratio, pixels=pixels)
+    if _on_host(pred, host):
+        return _boundary_iou_counts_host(pred, target, num_classes, d, ignore_index)
+    valid = target != ignore_index
+    p = _class_or_sentinel(pred, num_classes, on_host=False)
+    t = _class_or_sentinel(target, num_classes, on_host=False)
+    gt_key = torch.where(valid & ~_uniform_box_device(t, d), t, num_classes).long()
+    pred_key = torch.where(valid & ~_uniform_box_device(p, d), p, num_classes).long()
+    bins = num_classes + 1
+    gt_n, pred_n, both_n = _band_counts(gt_key, pred_key, num_classes,
+                                        lambda g, q: class_histogram(g * bins + q, bins * bins))
+    return torch.stack([both_n, gt_n + pred_n - both_n], 1)
+
+
+def _boundary_iou_counts_host(pred: torch.Tensor, target: torch.Tensor, num_classes: int, d: int,
+                              ignore_index: int) -> torch.Tensor:
+    counts = np.zeros((3, num_classes), dtype=np.int64)  # |G_c|, |P_c|, |G_c & P_c|
+    for p, t in zip(pred.cpu().numpy(), target.cpu().numpy()):
+        valid = t != ignore_index
+        p = _class_or_sentinel(p, num_classes, on_host=True)
+        t = _class_or_sentinel(t, num_classes, on_host=True)
+        gt_key = np.where(valid & ~_uniform_box_host(t, d), t, t.dtype.type(num_classes))
+        pred_key = np.where(valid & ~_uniform_box_host(p, d), p, p.dtype.type(num_classes))
+        counts += np.stack(_band_counts(gt_key, pred_key, num_classes,
+                                        lambda g, q: _joint_histogram_host(g, q, num_classes)))
+    union = counts[0] + counts[1] - counts[2]
+    return torch.from_numpy(np.stack([counts[2], union], 1)).to(pred.device)
+
+
+def boundary_iou_from_counts(counts) -> Dict[str, object]:
+    """Per-class and mean Boundary IoU from summed :func:`boundary_iou_counts_batch` counts: I / U per
+    class; a class whose union is empty over the whole set has no score (None) and is left out
+    of the mean (NaN when no class has one)."""
+    counts = np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(counts[:, 1] > 0, counts[:, 0] / counts[:, 1], np.nan)
+    return {
+        "per_class_boundary_iou": [None if np.isnan(v) else float(v) for v in iou],
+        "boundary_iou": float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan"),
+    }
 
 
 # ----------------------------------------------------------------------------- edge maps
