@@ -27,7 +27,7 @@ PLUGINS = [name for name in ("inverseform", "rloss") if os.path.isfile(os.path.j
 # The application's packages and data: private, under inverseform_seg/_root/ (see the docstring).
 PRIVATE_ROOT = "inverseform_seg._root"
 PRIVATE_PACKAGES = ["experiment", "models", "datasets", "utils"]
-PRIVATE_DATA = {"configs": ["*.yaml"]}
+PRIVATE_DATA = {"configs": ["*.yaml", "classes/*.yaml"]}
 
 
 def with_subpackages(names):
@@ -71,6 +71,9 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        # model folders (models.save_pretrained / from_pretrained, tools/export.py --format safetensors):
+        # weights that load without unpickling anything.
+        "safetensors",
     ],
     extras_require={
         # cityscapesscripts is the official Cityscapes tooling; the tests use its
@@ -79,6 +82,8 @@ setup(
         "test": ["pytest", "cityscapesscripts", "onnx", "onnxruntime"],
         # tools/export.py: onnxscript for PyTorch's (default) ONNX exporter, onnxruntime to check the file.
         "export": ["onnx", "onnxscript", "onnxruntime"],
+        # tools/export.py --push_to_hub: upload a model folder to the Hugging Face Hub.
+        "hub": ["huggingface_hub"],
     },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
     classifiers=[

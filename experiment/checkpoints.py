@@ -4,6 +4,7 @@ and one loader for every model file a command reads."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 from typing import Any, Dict, List, Mapping, Optional
@@ -78,6 +79,14 @@ def state_is_finite_everywhere(tensors: Mapping[str, Any], device: torch.device)
 
 
 # ----------------------------------------------------------------------------- files
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def checkpoint_status(path: str) -> str:
     """What is on disk at ``path``, for messages that must be true ("... is intact")."""
     if not os.path.isfile(path):
@@ -143,6 +152,7 @@ RESUME_MAY_CHANGE = {
     "train.checkpoint_interval": "how often last.pth is written",
     "train.deterministic": "kernel selection: later iterations may differ in the last bits",
     "train.compile": "speed only: the same computation compiled (equal to floating-point tolerance)",
+    "train.stop_timeout": "how long a stop signal may take",
     "cuda_overrides": "nothing by itself (the keys it sets are compared like any other)",
 }
 RESUME_MAY_CHANGE_SECTIONS = {"val": "validation only (metrics and best.pth selection), not the weights"}
@@ -165,8 +175,10 @@ def _allowed(key: str, may_change: Mapping[str, str]) -> Optional[str]:
     return RESUME_MAY_CHANGE_SECTIONS.get(key.split(".", 1)[0])
 
 
-def _config_differences(saved_cfg: Mapping[str, Any], config: Mapping[str, Any],
-                        may_change: Mapping[str, str]) -> tuple:
+def config_differences(saved_cfg: Mapping[str, Any], config: Mapping[str, Any],
+                       may_change: Mapping[str, str] = RESUME_MAY_CHANGE) -> tuple:
+    """(refused, notices): the changed keys a resume may not change ("key old -> new"), and one
+    line per allowed change or key the saved config lacks."""
     old, new = flatten(saved_cfg), flatten(config)
     changed = [k for k in new if k in old and old[k] != new[k]]
     refused = [f"{k} {old[k]!r} -> {new[k]!r}" for k in changed if _allowed(k, may_change) is None]
@@ -200,7 +212,7 @@ def check_resume(state: Mapping[str, Any], path: str, config: Mapping[str, Any],
     notices: List[str] = []
     saved_cfg = state.get("config")
     if isinstance(saved_cfg, Mapping):
-        refused, notices = _config_differences(saved_cfg, config, RESUME_MAY_CHANGE if may_change is None
+        refused, notices = config_differences(saved_cfg, config, RESUME_MAY_CHANGE if may_change is None
                                                else may_change)
         if refused:
             problems.append("config " + ", ".join(refused))

@@ -12,7 +12,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from experiment.errors import USER_ERRORS, StopRequested, one_line
+from experiment.errors import StopRequested, is_user_error, one_line
 from experiment.runtime import set_threads_for_cpu
 from utils import dist
 from utils.config import ConfigError, add_config_arguments
@@ -114,7 +114,9 @@ def run_main(main: Callable[[], Any]) -> None:
         _exit(130, f"[rank {dist.get_rank()}] interrupted")
     except StopRequested as exc:
         _exit(exc.exit_code, f"[rank {dist.get_rank()}] {exc}")
-    except USER_ERRORS as exc:
+    except Exception as exc:
+        if not is_user_error(exc):
+            _unexpected(exc)
         code = 2 if isinstance(exc, ConfigError) else 1
         if getattr(exc, "same_on_every_rank", False):  # e.g. a bad flag or a missing file: rank 0 reports
             rank = dist.get_rank() if dist.is_dist() else int(os.environ.get("RANK", "0") or 0)
@@ -123,11 +125,28 @@ def run_main(main: Callable[[], Any]) -> None:
                 _exit(code, None)
             _exit(code, f"[rank 0] error: {one_line(exc)}")
         _exit(code, f"[rank {dist.get_rank()}] error: {one_line(exc)}")
-    except Exception as exc:  # an unexpected failure: keep the traceback
-        if find_in_chain(exc, KeyboardInterrupt) is not None:  # a Ctrl-C that a library wrapped in its own error
-            _exit(130, f"[rank {dist.get_rank()}] interrupted")
-        _exit(1, f"[rank {dist.get_rank()}] unexpected error:\n{traceback.format_exc()}")
     dist.cleanup()
+
+
+def _unexpected(exc: BaseException) -> None:
+    """A failure that is no input error: its traceback, unless a peer's failure caused it."""
+    if find_in_chain(exc, KeyboardInterrupt) is not None:  # a Ctrl-C that a library wrapped in its own error
+        _exit(130, f"[rank {dist.get_rank()}] interrupted")
+    if is_peer_failure(exc):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        _exit(1, f"[rank {dist.get_rank()}] error: stopped because another rank failed or left (its own message "
+                 f"says why): {first}")
+    _exit(1, f"[rank {dist.get_rank()}] unexpected error:\n{traceback.format_exc()}")
+
+
+PEER_FAILURE_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                         "NCCL communicator was aborted", "the remote end", "Socket Timeout")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective that failed because another process of the job went away (gloo, NCCL)."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(message in text for message in PEER_FAILURE_MESSAGES)
 
 
 def _exit(code: int, message: Optional[str]) -> None:
@@ -147,8 +166,9 @@ def script_main(args: argparse.Namespace, config_from_args: Callable[[argparse.N
     def run() -> None:
         try:
             cfg = config_from_args(args)
-        except USER_ERRORS as exc:  # from the arguments and files alone: the same on every rank
-            exc.same_on_every_rank = True  # type: ignore[attr-defined]
+        except Exception as exc:  # from the arguments and files alone: the same on every rank
+            if is_user_error(exc):
+                exc.same_on_every_rank = True  # type: ignore[attr-defined]
             raise
         ctx = dist.init_distributed(cfg.train.device)
         set_threads_for_cpu(ctx.world_size)

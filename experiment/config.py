@@ -167,9 +167,13 @@ class RunConfig:
     val_interval: int = 1             # epochs between validations (0: only at the end)
     checkpoint_interval: int = 0      # iterations between `last` checkpoints (0: the method's default)
     compile: str = "off"              # torch.compile of the model: off, on, max-autotune, ... (--compile)
+    # seconds a stop signal may take to end the run with a checkpoint; then (or at a second
+    # signal) the process exits without one (a rank stuck in a collective never gets there)
+    stop_timeout: float = 120.0
 
     def validate(self) -> None:
         self.compile = normalise_compile_mode(self.compile, "train.compile")
+        require(self.stop_timeout > 0, f"config key 'train.stop_timeout' must be > 0, got {self.stop_timeout}")
         self.amp = normalise_amp_mode(self.amp, "train.amp")
         require(self.device in ("auto", "cpu", "cuda"),
                f"config key 'train.device' must be auto, cpu or cuda, got {self.device!r}")

@@ -29,17 +29,19 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from experiment.acceleration import compile_model, place_model
-from experiment.checkpoints import (RESUME_MAY_CHANGE, check_resume, checkpoint_status, load_training_checkpoint,
-                                    rng_state, save_training_checkpoint, set_rng_state, state_is_finite_everywhere)
+from experiment.checkpoints import (RESUME_MAY_CHANGE, check_resume, checkpoint_status, flatten,
+                                    load_training_checkpoint, rng_state, save_training_checkpoint, set_rng_state,
+                                    state_is_finite_everywhere)
 from experiment.errors import NonFiniteLossError, NonFiniteWeightsError, StopRequested, UserError
 from experiment.evaluation import write_metrics
 from experiment.history import History
-from experiment.run_dir import TRAINING, Outputs, claim_output_dir, remove_stale_temporaries
+from experiment.run_dir import TRAINING, Outputs, claim_output_dir, holding, remove_stale_temporaries
 from experiment.runtime import Rank0Writer, autocast, on_main_first, resolve_amp, seed_everything
 from experiment.schedule import batch_stream, iterations_per_epoch, poly_with_warmup
 from experiment.signals import StopSignal
 from utils import dist
-from utils.config import config_to_dict, save_config
+from utils.config import config_to_dict, path_keys, save_config
+from utils.io import atomic_write_bytes
 
 log = logging.getLogger("experiment.engine")
 
@@ -84,6 +86,14 @@ class OptimizerSpec:
         raise ValueError(f"optimizer kind must be sgd or adamw, got {self.kind!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What the command line asks of a run besides its config."""
+    resume: Any = False              # False, True ("" too) for OUTPUT_DIR/last.pth, a path, or "auto"
+    overwrite: bool = False
+    stop_after: Optional[int] = None
+
+
 def _no_extra_state() -> Dict[str, Any]:
     return {}
 
@@ -122,7 +132,7 @@ class Task:
 
 # ----------------------------------------------------------------------------- fit
 def fit(cfg, ctx: dist.DistContext, build: Callable[[Any, dist.DistContext], Task], *,
-        prepare: Optional[Callable[[Any, dist.DistContext], None]] = None,
+        prepare: Optional[Callable[[Any, dist.DistContext, RunOptions], None]] = None,
         resume: Union[bool, str, None] = False, stop_after: Optional[int] = None, overwrite: bool = False,
         outputs: Outputs = TRAINING) -> Tuple[Dict[str, Any], torch.nn.Module]:
     """Train the task that ``build(cfg, ctx)`` makes; return the final validation metrics
@@ -132,24 +142,24 @@ def fit(cfg, ctx: dist.DistContext, build: Callable[[Any, dist.DistContext], Tas
     ``cfg`` has ``output_dir`` and a ``train`` section of experiment.config.RunConfig's fields.
     ``resume``: True (or "") continues OUTPUT_DIR/last.pth, a path continues that checkpoint,
     "auto" continues OUTPUT_DIR/last.pth when it exists and starts anew otherwise.
-    ``prepare(cfg, ctx)`` runs after the directory is claimed and before the run is seeded
-    (files the run needs, e.g. a regressor trained first).  SIGTERM/SIGUSR1 end the run after the
+    ``prepare(cfg, ctx, options)`` runs after the directory is claimed and before the run is
+    seeded (files the run needs, e.g. a regressor trained first).  SIGTERM/SIGUSR1 end the run after the
     current iteration with a checkpoint on every rank (StopRequested)."""
-    stop = StopSignal()
-    with stop.installed():
+    stop = StopSignal(grace=cfg.train.stop_timeout)
+    check_same_settings(cfg, ctx)
+    with stop.installed(), holding(cfg.output_dir):
         last_path = os.path.join(cfg.output_dir, "last.pth")
         resume_path = _resume_path(resume, last_path, cfg.output_dir)
         resuming_here = resume_path is not None and os.path.abspath(resume_path) == os.path.abspath(last_path)
 
         def claim() -> None:
-            os.makedirs(cfg.output_dir, exist_ok=True)
             claim_output_dir(cfg.output_dir, outputs, overwrite=overwrite, resuming_here=resuming_here)
             remove_stale_temporaries(cfg.output_dir)
 
         on_main_first(claim)
         _set_determinism(cfg.train.deterministic, ctx.device)
         if prepare is not None:
-            prepare(cfg, ctx)
+            prepare(cfg, ctx, RunOptions(resume, overwrite, stop_after))
         seed_everything(cfg.train.seed + ctx.rank)
         trainer = Trainer(cfg, ctx, build(cfg, ctx), stop)
         trainer.restore(resume_path, resuming_here)
@@ -168,6 +178,24 @@ def _resume_path(resume: Union[bool, str, None], last_path: str, output_dir: str
         raise UserError(f"cannot resume: checkpoint {path} does not exist"
                         + ("" if os.path.exists(output_dir) else f" (no directory {output_dir})"))
     return path
+
+
+def check_same_settings(cfg, ctx: dist.DistContext) -> None:
+    """Ranks started with different settings (a batch size, a learning rate) would train
+    different things or wait for each other forever: refuse, naming the keys, on every rank.
+    Paths and what a resume may change (loader workers, logging) may differ between nodes."""
+    if ctx.world_size == 1:
+        return
+    settings = dist.all_gather_object(flatten(config_to_dict(cfg)))
+    reference, paths = settings[0], {".".join(key) for key in path_keys(type(cfg))}
+    differ = sorted(key for key in set().union(*settings)
+                    if key not in RESUME_MAY_CHANGE and key not in paths
+                    and any(rank.get(key) != reference.get(key) for rank in settings[1:]))
+    if differ:
+        shown = "; ".join(f"{key}: " + ", ".join(f"{rank.get(key)!r} on rank {r}" for r, rank in enumerate(settings))
+                          for key in differ[:5])
+        raise UserError(f"the ranks were started with different settings ({shown}); start every rank with the "
+                        "same config and flags")
 
 
 def _set_determinism(deterministic: bool, device: torch.device) -> None:
@@ -253,10 +281,24 @@ class Trainer:
         set_rng_state(state["rng"][self.ctx.rank])
         self.start = int(state["iteration"])
         self.best = float(state.get(self._best_key(), -math.inf))
+        if not resuming_here and self.task.best_metric is not None and not on_main_first(lambda: self._adopt_best(path)):
+            self.best = -math.inf  # the source run's best.pth is not there: this run's validations choose anew
         for line in notices:
             log.info("resume: %s", line)
         log.info("resumed from %s at iteration %d/%d (epoch %d): it continues exactly as the uninterrupted run",
                  path, self.start, self.task.total, state.get("epoch", self.start // self.per_epoch))
+
+    def _adopt_best(self, source: str) -> bool:
+        """A run continued in another directory starts with the source run's best.pth beside it,
+        so that its best.pth is the best of the whole run; False when there is none."""
+        source_best = os.path.join(os.path.dirname(os.path.abspath(source)), "best.pth")
+        if not os.path.isfile(source_best):
+            log.info("resume: no best.pth beside %s: best.pth here is chosen among this run's validations", source)
+            return False
+        with open(source_best, "rb") as f:
+            atomic_write_bytes(self.best_path, f.read())
+        log.info("resume: best.pth of %s copied to %s", os.path.dirname(os.path.abspath(source)), self.best_path)
+        return True
 
     def _best_key(self) -> str:
         return f"best_{self.task.best_metric or 'metric'}"

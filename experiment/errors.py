@@ -6,11 +6,12 @@ signal ended the run with a checkpoint.  Anything else keeps its traceback (expe
 """
 from __future__ import annotations
 
-from models import CheckpointMismatchError
-from utils.config import ConfigError
+import errno
+
+from utils.errors import InputError
 
 
-class UserError(Exception):
+class UserError(InputError):
     """An error caused by the user's input (a file, a flag, a dataset): shown without a traceback."""
 
 
@@ -35,8 +36,15 @@ class NonFiniteOutputError(UserError):
     """The network produced NaN/Inf logits: metrics computed from them would be meaningless."""
 
 
-# OSError: unreadable/corrupt files, unwritable directories, a full disk (utils.io names the file).
-USER_ERRORS = (UserError, ConfigError, FileNotFoundError, ValueError, KeyError, CheckpointMismatchError, OSError)
+# Failures of the machine rather than of the code: a full disk, no permission, too many open files.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                                errno.EMFILE, errno.ENFILE})
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is about input, configuration or environment (raised on purpose, naming
+    the file, key or path): shown as one line.  Anything else is a bug and keeps its traceback."""
+    return isinstance(exc, InputError) or (isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS)
 
 
 def one_line(exc: BaseException) -> str:
@@ -46,5 +54,6 @@ def one_line(exc: BaseException) -> str:
     text = str(text).strip()
     if "Original Traceback" in text:  # DataLoader workers re-raise "Caught X in ...\n<traceback>"
         last = [line for line in text.splitlines() if line.strip()][-1].strip()
-        text = last.split(": ", 1)[1] if last.startswith(type(exc).__name__ + ":") else last
+        name, _, rest = last.partition(": ")  # "OSError: ..." or "utils.errors.UnreadableInputError: ..."
+        text = rest if rest and name.rsplit(".", 1)[-1] == type(exc).__name__ else last
     return text or f"{type(exc).__name__} (no message)"

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from datasets import TRAIN_CLASS_NAMES, colorize
 from experiment.acceleration import is_compiled, pad_batch, to_device_images
 from experiment.background import BackgroundWriter, HostCopy, to_host
-from experiment.errors import NonFiniteOutputError
+from experiment.errors import NonFiniteOutputError, UserError
 from experiment.pictures import PredictionDumper, denormalize, edge_u8, error_map
 from experiment.runtime import Rank0Writer, autocast
 from experiment.tta import WHOLE, InferenceMode, predict
@@ -31,6 +31,26 @@ from utils.metrics import (EDGE_LEVELS, boundary_accuracy_batch, boundary_f_coun
                            majority_class_confusion, scores_from_confusion)
 
 LOSS_PARTS = ("seg", "edge_bce", "edge_att", "inverseform")
+
+# What PyTorch's layers say when an input is smaller than a kernel or a pooling window.
+TOO_SMALL_MESSAGES = ("Kernel size can't be greater than actual input", "Output size is too small",
+                      "smaller than kernel size", "Expected more than 1 value per channel")
+
+
+def too_small_for_the_network(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and any(message in str(exc) for message in TOO_SMALL_MESSAGES)
+
+
+def forward_named(net: torch.nn.Module, inputs: torch.Tensor, mode: InferenceMode, names) -> Dict[str, torch.Tensor]:
+    """``predict``; an image too small for the network is an error naming it (and its size)."""
+    try:
+        return predict(net, inputs, mode)
+    except RuntimeError as exc:
+        if not too_small_for_the_network(exc):
+            raise
+        shown = ", ".join(list(names)[:3]) + (" ..." if len(names) > 3 else "")
+        raise UserError(f"image {shown} ({inputs.shape[-2]} x {inputs.shape[-1]} pixels) is too small for "
+                        f"{type(net).__name__}: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def per_image_loss_sums(criterion: torch.nn.Module, logits: torch.Tensor, edge_logits: Optional[torch.Tensor],
@@ -72,7 +92,10 @@ class MetricSums:
         # images whose logits hold a NaN/Inf: they propagate into the image's sum (one vectorised
         # pass: 8 ms for 19 x 1024 x 2048 on one CPU thread, against 112 ms for a per-image aminmax
         # and ~1 s for isfinite() over every logit; only logits near 1e31 could overflow the sum)
-        self.non_finite += (~torch.isfinite(logits.flatten(1).sum(1))).sum()
+        finite = torch.isfinite(logits.flatten(1).sum(1))
+        if edge_prob is not None:  # a NaN edge map would read as 0 in every edge count
+            finite &= torch.isfinite(edge_prob.float().flatten(1).sum(1))
+        self.non_finite += (~finite).sum()
         self.conf += confusion_matrix(pred, labels, self.num_classes)
         if criterion is not None:
             edge_logits = torch.logit(edge_prob.float(), eps=1e-6) if edge_prob is not None else None
@@ -185,7 +208,7 @@ def evaluate(net: torch.nn.Module, loader, device: torch.device, *, num_classes:
         labels = batch["label"].to(device, non_blocking=True)
         inputs = pad_batch(images, loader.batch_size) if pad_to_batch and loader.batch_size else images
         with autocast(device, amp_dtype):
-            out = predict(net, inputs, inference)
+            out = forward_named(net, inputs, inference, batch["name"])
         if inputs is not images:
             out = {k: v[:images.shape[0]] for k, v in out.items()}
         logits = out["pred"].float()
@@ -200,8 +223,9 @@ def evaluate(net: torch.nn.Module, loader, device: torch.device, *, num_classes:
     net.train(was_training)
     if non_finite > 0:  # every rank has the same count: all raise together
         hint = " (fp16 autocast overflowed? try --amp bf16 or off)" if amp_dtype == torch.float16 else ""
-        raise NonFiniteOutputError(f"{non_finite} images of the {desc} have NaN or Inf logits{hint}: metrics "
-                                   "computed from them would be meaningless and are not reported")
+        raise NonFiniteOutputError(f"{non_finite} images of the {desc} have NaN or Inf logits or edge "
+                                   f"probabilities{hint}: metrics computed from them would be meaningless and are "
+                                   "not reported")
     return sums.result()
 
 

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=8 experiment/infer.py --model_path ... --input list.txt --output_dir ...
 
 ``--input`` is an image file, a folder (searched recursively for PNG/JPEG) or a text file
-listing image paths (one per line, relative to the list's folder; ``#`` starts a comment).
+listing image paths (one per line, relative to the list's folder; ``#`` at the start of a line or after a blank
+starts a comment, ``\\#`` is a literal ``#``).
 Images keep their own size; grayscale, RGBA and 16-bit images are converted to 8-bit RGB with
 a notice.  For each image, under ``OUTPUT_DIR`` at the image's relative path:
 ``<stem>_labelIds.png`` (Cityscapes label ids, what the official tools read),
@@ -25,6 +26,7 @@ import argparse
 import collections
 import logging
 import os
+import re
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,9 +46,11 @@ from experiment.cli import (AMP_CHOICES, INFERENCE_FLAGS, add_inference_argument
                             script_main, str2bool)
 from experiment.acceleration import place_model, to_device_images
 from experiment.errors import UserError
+from experiment.evaluation import too_small_for_the_network
 from experiment.network import MODEL_KEYS, describe_from_checkpoint, load_model, read_model_file
 from experiment.pictures import edge_image, write_png
 from experiment.run_config import load_run_config
+from experiment.run_dir import holding
 from experiment.runtime import autocast, on_main_first, resolve_amp
 from experiment.tta import inference_mode_from_config, predict
 from utils import dist
@@ -69,19 +73,39 @@ def find_images(source: str) -> List[Tuple[str, str]]:
     if not os.path.exists(source):
         raise UserError(f"--input {source} does not exist (expected an image, a folder or a text file of paths)")
     if os.path.isdir(source):
-        found = []
-        for folder, subdirs, files in os.walk(source, followlinks=True):
-            subdirs.sort()
-            for name in sorted(files):
-                if _is_image_name(name) and not name.startswith("."):
-                    path = os.path.join(folder, name)
-                    found.append((path, os.path.relpath(path, source)))
+        found = _folder_images(source)
         if not found:
             raise UserError(f"--input folder {source} holds no PNG/JPEG image ({', '.join(IMAGE_EXTENSIONS)})")
         return sorted(found, key=lambda item: item[1])
     if _is_image_name(source):
         return [(source, os.path.basename(source))]
     return _read_list(source)
+
+
+def _folder_images(source: str) -> List[Tuple[str, str]]:
+    """Images below ``source``, following links to folders, each folder once (a link back up
+    the tree would otherwise repeat the same images until the kernel's path limit)."""
+    found, seen = [], set()
+    for folder, subdirs, files in os.walk(source, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            log.warning("--input: %s leads back to a folder already searched (a link loop): skipped", folder)
+            subdirs.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        subdirs.sort()
+        for name in sorted(files):
+            if _is_image_name(name) and not name.startswith("."):
+                path = os.path.join(folder, name)
+                found.append((path, os.path.relpath(path, source)))
+    return found
+
+
+def _without_comment(line: str) -> str:
+    """A list line without its comment: ``#`` at the start or after a blank starts one, as in a
+    shell; a ``#`` inside a name is kept, and ``\\#`` is a literal ``#`` anywhere."""
+    text = re.split(r"(?:^|(?<=\s))(?<!\\)#", line, maxsplit=1)[0]
+    return text.replace("\\#", "#").strip()
 
 
 def _read_list(list_path: str) -> List[Tuple[str, str]]:
@@ -94,7 +118,7 @@ def _read_list(list_path: str) -> List[Tuple[str, str]]:
                         "listing image paths") from None
     paths = []
     for number, line in enumerate(lines, 1):
-        entry = line.split("#", 1)[0].strip()
+        entry = _without_comment(line)
         if not entry:
             continue
         if not _is_image_name(entry):
@@ -128,9 +152,16 @@ def output_paths(out_dir: str, rel: str, with_edges: bool) -> List[str]:
     return [stem + suffix for suffix in suffixes]
 
 
-def check_outputs_free(out_dir: str, images: Sequence[Tuple[str, str]], with_edges: bool, overwrite: bool) -> None:
-    """Files of an earlier run (or the user's own) at the paths this run writes are refused, naming
-    the first, unless ``overwrite``."""
+def check_outputs_free(out_dir: str, images: Sequence[Tuple[str, str]], with_edges: bool, overwrite: bool,
+                       source: str) -> None:
+    """Outputs inside the input folder are refused (a later run would read them as images), and
+    files of an earlier run (or the user's own) at the paths this run writes, naming the first,
+    unless ``overwrite``."""
+    if os.path.isdir(source):
+        inside = os.path.realpath(out_dir) + os.sep
+        if inside.startswith(os.path.realpath(source) + os.sep):
+            raise UserError(f"--output_dir {out_dir} is inside --input {source}: its PNGs would be read as images "
+                            "by the next run; choose a folder outside it")
     if overwrite:
         return
     taken = [p for _, rel in images for p in output_paths(out_dir, rel, with_edges) if os.path.lexists(p)]
@@ -269,8 +300,10 @@ class _Segmenter:
             with torch.no_grad(), autocast(self.device, self.amp_dtype):
                 out = predict(self.net, images, self.inference)
             preds = out["pred"].argmax(1).to(torch.uint8).cpu().numpy()
-        except (RuntimeError, ValueError) as exc:  # e.g. too small for an HMS scale, out of memory
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except RuntimeError as exc:  # an image too small for the network (or an HMS scale): the others go on
+            if not too_small_for_the_network(exc):
+                raise  # out of memory, a CUDA error, a bug: not a property of one image
+            reason = str(exc).strip().splitlines()[0]
             for item in batch:
                 log.error("cannot segment image %s (%dx%d): %s", item["path"], *images.shape[-2:], reason)
                 self.failed.append((item["path"], reason))
@@ -304,7 +337,13 @@ def run_inference(cfg: Any, model_path: str, source: str, ctx: dist.DistContext,
         raise UserError(f"--overlay_alpha must be in [0, 1], got {overlay_alpha}")
     images = find_images(source)
     check_unique_outputs(images)
-    on_main_first(lambda: check_outputs_free(cfg.output_dir, images, cfg.model.has_edge, overwrite))
+    with holding(cfg.output_dir):
+        on_main_first(lambda: check_outputs_free(cfg.output_dir, images, cfg.model.has_edge, overwrite, source))
+        return _segment_all(cfg, model_path, source, images, ctx, overlay_alpha, progress, state)
+
+
+def _segment_all(cfg: Any, model_path: str, source: str, images, ctx: dist.DistContext, overlay_alpha: float,
+                 progress: bool, state: Any) -> Dict[str, Any]:
     inference = inference_mode_from_config(cfg.val, cfg.model)
     net = load_model(cfg, read_model_file(model_path, "model file") if state is None else state, model_path)
     device = ctx.device

@@ -30,8 +30,11 @@ def load_inverseform(cfg: LossConfig, device: torch.device, required: bool = Fal
                         "there, or train one with experiment/train_inverseform.py)",
                         missing_file_message("InverseForm regressor", path))
         return None
-    module = InverseFormLoss(path, tile_factor=cfg.inverseform_tile_factor, distance=cfg.inverseform_distance,
-                             check_inputs=False)
+    try:
+        module = InverseFormLoss(path, tile_factor=cfg.inverseform_tile_factor, distance=cfg.inverseform_distance,
+                                 check_inputs=False)
+    except ValueError as exc:  # the regressor file's own checks: unreadable, another layout, stale metadata
+        raise UserError(f"config key 'loss.inverseform_path': {str(exc).strip().splitlines()[0]}") from exc
     log.info("InverseForm term: %s (%s tiles of %d px, %s distance)", path,
              module.regressor.parameterisation, module.regressor.tile_size, cfg.inverseform_distance)
     return module.to(device)

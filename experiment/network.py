@@ -18,7 +18,7 @@ import torch
 from experiment.checkpoints import read_checkpoint_file, require_finite
 from experiment.errors import UserError
 from experiment.paths import missing_file_message
-from models import get_net, load_checkpoint
+from models import get_net, load_checkpoint, pretrained
 
 log = logging.getLogger("experiment")
 
@@ -41,12 +41,18 @@ def build_model(cfg) -> torch.nn.Module:
 
 
 def read_model_file(path: str, what: str = "model file") -> Any:
-    """The object a model file holds (one ``torch.load``, weights only); one line naming the
-    file when it is missing, a directory, or unreadable."""
+    """What a model file holds (one ``torch.load``, weights only), or a model folder written by
+    ``models.save_pretrained`` as the same ``{'state_dict', 'arch', ...}`` mapping (safetensors:
+    no pickle); one line naming the path when it is missing or unreadable."""
     if not path or not os.path.exists(path):
         raise UserError(missing_file_message(what, path))
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} is a directory, not a file")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, pretrained.CONFIG_FILE)):
+            raise UserError(f"{what} {path} is a directory, not a checkpoint file or a model folder (which holds "
+                            f"{pretrained.CONFIG_FILE} and {pretrained.WEIGHTS_FILE})")
+        config = pretrained.read_config(path)
+        return {"state_dict": pretrained.read_weights(path), **{key: config[key] for key in MODEL_KEYS},
+                "options": config.get("options", {})}
     return read_checkpoint_file(path)
 
 

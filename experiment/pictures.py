@@ -2,6 +2,7 @@
 tiles for figures, and PNG files written whole or not at all (prediction dumps included)."""
 from __future__ import annotations
 
+import errno
 import os
 from typing import Optional
 
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD, colorize, trainid_to_labelid
+from utils.errors import UnreadableInputError
+from utils.io import atomic_write_bytes
 
 
 def unnormalize(images: torch.Tensor) -> torch.Tensor:
@@ -55,13 +58,19 @@ def labelled(tile: np.ndarray, text: str) -> np.ndarray:
 
 
 def write_png(path: str, array: np.ndarray) -> None:
-    """Write RGB or single-channel uint8 PNGs (cv2 stores BGR); no half-written files."""
+    """Write an RGB or single-channel uint8 PNG (cv2 stores BGR) whole or not at all: encoded in
+    memory, written and synced through a temporary file, its size checked before it replaces
+    ``path``.  A full disk is an error naming the path, never an empty PNG."""
     if array.ndim == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    tmp = f"{path}.tmp.png"
-    if not cv2.imwrite(tmp, array):
-        raise OSError(f"could not write {path}")
-    os.replace(tmp, path)
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise ValueError(f"could not encode {path} as PNG (array {array.shape}, {array.dtype})")
+    data = encoded.tobytes()
+    atomic_write_bytes(path, data)
+    if os.path.getsize(path) != len(data):
+        raise UnreadableInputError(errno.EIO, f"cannot write {path}: {os.path.getsize(path)} of {len(data)} bytes "
+                                              "reached the disk")
 
 
 class PredictionDumper:

@@ -6,14 +6,20 @@ their companions, into ``OUTPUT_DIR/replaced-<time>/``.  Call on rank 0 (``on_ma
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
+import json
 import logging
 import os
+import socket
+import sys
 import time
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from experiment.errors import UserError
+from experiment.runtime import on_main_first
+from utils.io import make_dirs
 
 log = logging.getLogger("experiment")
 
@@ -87,3 +93,100 @@ def remove_stale_temporaries(output_dir: str) -> None:
     for path in glob.glob(os.path.join(glob.escape(output_dir), ".*.pth.*.tmp")):
         log.info("removing %s, left by an interrupted checkpoint write", path)
         os.unlink(path)
+
+
+# ----------------------------------------------------------------------------- one run at a time
+LOCK_NAME = ".lock"
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` (Linux /proc; None elsewhere or when it is gone): with
+    the pid it identifies a process, so a pid reused by another process is not taken for it."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: Dict[str, Any]) -> bool:
+    """Whether the process that wrote a lock still runs (only knowable on the same host)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = int(holder.get("pid", -1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    started = _process_start(pid)
+    return started is None or holder.get("process_start") in (None, started)
+
+
+class RunLock:
+    """``OUTPUT_DIR/.lock``: the directory is held by one run at a time.  It names the holder
+    (pid, host, start time, command); a second start is refused naming it, a lock left by a
+    process that no longer runs (killed, crashed, a node restarted) is taken over with a notice.
+    Held by rank 0 for the whole run and released when it ends."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, LOCK_NAME)
+        self.token = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
+        self.held = False
+
+    def acquire(self) -> None:
+        make_dirs(os.path.dirname(self.path))
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and _alive(holder):
+                    raise UserError(f"output_dir {os.path.dirname(self.path)} is in use by another run: pid "
+                                    f"{holder.get('pid')} on {holder.get('host')} since {holder.get('started')} "
+                                    f"({holder.get('command')}); wait for it to end or stop it (if that process "
+                                    f"is gone on another machine, remove {self.path})") from None
+                log.warning("%s was left by pid %s on %s, which no longer runs: taking it over", self.path,
+                            (holder or {}).get("pid"), (holder or {}).get("host"))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.token, f)
+            self.held = True
+            return
+        raise UserError(f"output_dir {os.path.dirname(self.path)}: another run took its lock at the same time")
+
+    def _holder(self) -> Optional[Dict[str, Any]]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None  # torn or unreadable: its writer died while writing it
+
+    def release(self) -> None:
+        if self.held and self._holder() == self.token:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def holding(output_dir: str) -> Iterator[None]:
+    """Rank 0 holds ``output_dir``'s lock for the block; every rank fails together if another run
+    holds it (call it on every rank)."""
+    lock = RunLock(output_dir)
+    on_main_first(lock.acquire)
+    try:
+        yield
+    finally:
+        lock.release()

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from experiment.errors import USER_ERRORS, UserError, one_line
+from experiment.errors import UserError, is_user_error, one_line
 from utils import dist
 from utils.config import ConfigError
 
@@ -78,9 +78,11 @@ def on_main_first(fn: Callable[[], Any]) -> Any:
     if dist.is_main_process():
         try:
             result = fn()
-        except USER_ERRORS as exc:
+        except Exception as exc:
+            if not is_user_error(exc):
+                raise
             caught = exc
-            error = one_line(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {one_line(exc)}"
+            error = one_line(exc)
     result, error = dist.broadcast_object((result, error))
     if caught is not None:  # rank 0 reports its own error as it is
         raise caught

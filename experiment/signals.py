@@ -6,7 +6,9 @@ import atexit
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
+import sys
 import threading
 from typing import Any, Iterator, List, Optional, Tuple
 
@@ -16,17 +18,28 @@ log = logging.getLogger("experiment")
 class StopSignal:
     """Records SIGTERM (and SIGUSR1, which some schedulers send first) instead of dying, so that
     the training loop can agree on it across ranks, write a checkpoint and stop.  A no-op outside
-    the main thread (Python delivers signals only there)."""
+    the main thread (Python delivers signals only there).
+
+    A rank stuck in a collective (its peer gone or stalled) never returns to Python, so the
+    handler alone would wait forever: a watcher thread reads the signals from Python's wakeup fd
+    (written by the C-level handler whatever the main thread is doing) and exits the process
+    without a checkpoint on a second stop signal, or ``grace`` seconds after the first."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float = 120.0) -> None:
         self.signum: Optional[int] = None
+        self.grace = grace
         self._previous: List[Tuple[int, Any]] = []
+        self._received = 0
+        self._timer: Optional[threading.Timer] = None
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    def _numbers(self) -> List[int]:
+        return [getattr(signal, name) for name in self.SIGNALS if hasattr(signal, name)]
 
     def _handler(self, signum, frame) -> None:
         if self.signum is None:
@@ -36,17 +49,56 @@ class StopSignal:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["StopSignal"]:
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                if hasattr(signal, name):
-                    num = getattr(signal, name)
-                    self._previous.append((num, signal.signal(num, self._handler)))
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for num in self._numbers():
+            self._previous.append((num, signal.signal(num, self._handler)))
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        watcher = threading.Thread(target=self._watch, args=(read_fd,), name="stop-signal-watcher", daemon=True)
+        watcher.start()
         try:
             yield self
         finally:
+            signal.set_wakeup_fd(previous_fd)
+            # byte 0 (no signal has that number) ends the watcher; end-of-file would not come while
+            # forked DataLoader workers hold copies of the write end
+            os.set_blocking(write_fd, True)
+            os.write(write_fd, b"\x00")
+            watcher.join()
+            os.close(write_fd)
+            os.close(read_fd)
+            if self._timer is not None:
+                self._timer.cancel()
             for num, handler in reversed(self._previous):
                 signal.signal(num, handler)
             self._previous.clear()
+
+    def _watch(self, read_fd: int) -> None:
+        numbers = set(self._numbers())
+        while True:
+            data = os.read(read_fd, 64)
+            if not data or 0 in data:
+                return
+            for signum in data:
+                if signum not in numbers:
+                    continue
+                self._received += 1
+                if self._received == 1:
+                    self._timer = threading.Timer(self.grace, self._give_up, args=(signum, f"{self.grace:g} s after "
+                                                  f"{signal.Signals(signum).name}, the run had not stopped"))
+                    self._timer.daemon = True
+                    self._timer.start()
+                else:
+                    self._give_up(signum, f"{signal.Signals(signum).name} received a second time")
+
+    @staticmethod
+    def _give_up(signum: int, reason: str) -> None:
+        sys.stderr.write(f"{reason}: exiting without waiting for a checkpoint (the last one written is intact)\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
 
     def exit_code(self) -> int:
         return 128 + int(self.signum or signal.SIGTERM)
@@ -67,10 +119,16 @@ def ignore_stop_signals(worker_id: int) -> None:
 def _kill_daemonic_children() -> None:
     """At interpreter exit.  DataLoader workers ignore SIGTERM (above), so multiprocessing's own
     exit handler, which terminates daemonic children with SIGTERM and then joins them, would wait
-    forever for a worker a loader never shut down: kill them first (they hold nothing to save)."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    forever for a worker a loader never shut down: kill them first (they hold nothing to save).
+    DataLoader's SIGCHLD handler would report each of these kills as a failed worker, with a
+    traceback, so it is switched off first: at exit no loader reads from its workers any more."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children and threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
 
 
 # atexit runs handlers last-registered first: this runs before multiprocessing's (registered when

@@ -43,7 +43,7 @@ from experiment.joint_loss import joint_loss, load_inverseform
 from experiment.network import MODEL_KEYS, describe_from_checkpoint, load_model, read_model_file
 from experiment.pictures import PredictionDumper
 from experiment.run_config import load_run_config
-from experiment.run_dir import VALIDATION, claim_output_dir
+from experiment.run_dir import VALIDATION, claim_output_dir, holding
 from experiment.runtime import Rank0Writer, on_main_first
 from experiment.tta import inference_mode_from_config
 from utils import dist
@@ -130,14 +130,23 @@ def validate(cfg: Any, model_path: str, ctx: dist.DistContext, split: str = "val
     device = ctx.device
     place_model(net, device).eval()  # channels_last on CUDA
     amp_dtype = resolve_eval_amp(cfg.val.amp, device, cfg.model.arch)
-    root, synthetic = dataset_root(cfg.data)
-    dataset = val_dataset(cfg.data, root, split, cfg.val.max_images)
-    loader = eval_loader(dataset, cfg.val.batch_size, cfg.val.num_workers)
     criterion = None
     if split != "test":
         inverseform = load_inverseform(cfg.loss, device) if cfg.model.has_edge else None
         criterion = joint_loss(cfg.loss, cfg.model.num_classes, inverseform).to(device)
-    on_main_first(lambda: _claim(cfg.output_dir, overwrite))
+    with holding(cfg.output_dir):
+        on_main_first(lambda: claim_output_dir(cfg.output_dir, VALIDATION, overwrite=overwrite, resuming_here=False))
+        metrics = _evaluate_checkpoint(cfg, net, model_path, ctx, split, criterion, amp_dtype)
+    return metrics
+
+
+def _evaluate_checkpoint(cfg: Any, net, model_path: str, ctx: dist.DistContext, split: str, criterion,
+                         amp_dtype) -> Dict[str, Any]:
+    """Evaluate, then write and print the metrics (rank 0)."""
+    device = ctx.device
+    root, synthetic = dataset_root(cfg.data)
+    dataset = val_dataset(cfg.data, root, split, cfg.val.max_images)
+    loader = eval_loader(dataset, cfg.val.batch_size, cfg.val.num_workers)
     if ctx.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     dumper = PredictionDumper(os.path.join(cfg.output_dir, "predictions"), cfg.model.has_edge) \
@@ -160,11 +169,6 @@ def validate(cfg: Any, model_path: str, ctx: dist.DistContext, split: str = "val
         _print(metrics, write_metrics(metrics, writer, cfg.output_dir, step=0), elapsed, dumper)
     writer.close()
     return metrics
-
-
-def _claim(output_dir: str, overwrite: bool) -> None:
-    claim_output_dir(output_dir, VALIDATION, overwrite=overwrite, resuming_here=False)
-    os.makedirs(output_dir, exist_ok=True)
 
 
 def _print(metrics: Dict[str, Any], path: str, elapsed: float, dumper: Optional[PredictionDumper]) -> None:

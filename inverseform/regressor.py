@@ -28,6 +28,8 @@ first layer.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
@@ -202,10 +204,7 @@ class InverseNet(nn.Module):
                     f"{path}: could not be read as a weights-only torch checkpoint ({exc}); "
                     f"{_EXPECTED_LAYOUT}") from exc
             state = _extract_state_dict(loaded, source)
-            json_path = path.with_suffix(".json")
-            if json_path.is_file() and json_path != path:
-                json_meta = _read_json(json_path)
-                source = f"{path} (metadata {json_path})"
+            json_meta, source = _metadata_beside(path, state)
         else:
             raise TypeError(
                 "InverseNet.from_checkpoint expects a path or a state dict, got "
@@ -292,6 +291,34 @@ def _infer_layout(state: Mapping[str, torch.Tensor], source: str) -> Tuple[Tuple
         raise ValueError(f"{source}: wrong InverseNet layout: {'; '.join(problems)}; {_EXPECTED_LAYOUT}")
     hidden = tuple(out for _, out in widths[:-1])
     return hidden, tile_size, widths[-1][1]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _metadata_beside(path: Path, state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, Any], str]:
+    """The JSON beside a weights file and the name messages give them.  A JSON written for other
+    weights (its ``weights_sha256``) is refused; a missing one is accepted only for the released
+    layout, whose parameterisation the weights imply (any other needs its normalisation)."""
+    json_path = path.with_suffix(".json")
+    if not json_path.is_file() or json_path == path:
+        _, tile_size, num_params = _infer_layout(state, str(path))
+        released = {(v["tile_size"], v["num_params"]) for v in VARIANTS.values() if v["parameterisation"] == "released"}
+        if (tile_size, num_params) not in released:
+            raise ValueError(f"{path}: no metadata file {json_path} beside it; a regressor of another layout than "
+                             "the released one needs the normalisation that save_regressor writes there")
+        return {}, str(path)
+    meta = _read_json(json_path)
+    recorded = meta.get("weights_sha256")
+    if recorded is not None and recorded != _sha256(path):
+        raise ValueError(f"{json_path} was written for other weights than {path} (weights_sha256 differs: "
+                         "one of the two was replaced or a save was interrupted); save the regressor again")
+    return meta, f"{path} (metadata {json_path})"
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -396,8 +423,12 @@ def save_regressor(net: InverseNet, path: Union[str, os.PathLike],
         text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"save_regressor: metadata is not JSON-serialisable: {exc}") from exc
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, buffer)
+    weights = buffer.getvalue()
+    meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()  # pairs the two files: see _metadata_beside
+    text = json.dumps(meta, indent=2, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: torch.save(state, f))
+    _atomic_write(path, lambda f: f.write(weights))
     _atomic_write(json_path, lambda f: f.write((text + "\n").encode("utf-8")))
     return path, json_path

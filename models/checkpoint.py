@@ -12,6 +12,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from utils.errors import InputError, InvalidInputError, MissingInputError
 
 logger = logging.getLogger("models")
 
@@ -26,7 +27,7 @@ CLASSIFIER_PREFIXES = ("incre_modules.", "downsamp_modules.", "final_layer.", "c
 PathOrDict = Union[str, os.PathLike, Mapping[str, object]]
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(InputError, RuntimeError):
     """A checkpoint's keys or shapes do not match the model."""
 
 
@@ -80,7 +81,7 @@ def _read_state_dict(path_or_dict: PathOrDict, name: Optional[str] = None) -> Tu
     if isinstance(path_or_dict, (str, os.PathLike)):
         source = os.fspath(path_or_dict)
         if not os.path.isfile(source):
-            raise FileNotFoundError(f"checkpoint file not found: {source}")
+            raise MissingInputError(f"checkpoint file not found: {source}")
         try:
             obj = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as exc:  # unpickling errors come in several types
@@ -95,14 +96,14 @@ def _read_state_dict(path_or_dict: PathOrDict, name: Optional[str] = None) -> Tu
             f"expected a checkpoint path or a dict, got {type(path_or_dict).__name__}")
 
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{source}: expected a dict, found {type(obj).__name__}")
+        raise InvalidInputError(f"{source}: expected a dict, found {type(obj).__name__}")
     state = obj["state_dict"] if "state_dict" in obj else obj
     if not isinstance(state, Mapping):
-        raise ValueError(f"{source}: 'state_dict' is a {type(state).__name__}, not a dict")
+        raise InvalidInputError(f"{source}: 'state_dict' is a {type(state).__name__}, not a dict")
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         hint = "" if "state_dict" in obj else " (and there is no 'state_dict' entry)"
-        raise ValueError(
+        raise InvalidInputError(
             f"{source}: not a state dict{hint}: {len(not_tensors)} entries are not tensors, "
             f"e.g. {_few(not_tensors)}")
     return dict(state), source
@@ -223,7 +224,7 @@ def load_pretrained_backbone(net: nn.Module, path_or_dict: PathOrDict) -> LoadRe
     model = _unwrap_model(net)
     trunk = getattr(model, "backbone", None)
     if trunk is None:
-        raise ValueError(f"{type(model).__name__} has no 'backbone' to load into")
+        raise InvalidInputError(f"{type(model).__name__} has no 'backbone' to load into")
     state, source = _read_state_dict(path_or_dict)
     report = LoadReport(source=source)
     state, report.stripped_prefix = _strip_wrapper_prefix(state)
@@ -233,10 +234,10 @@ def load_pretrained_backbone(net: nn.Module, path_or_dict: PathOrDict) -> LoadRe
     target = trunk.state_dict()
     usable = _compare(state, target, report)
     if report.mismatched:
-        raise ValueError(_mismatch_message("the trunk", report)
+        raise InvalidInputError(_mismatch_message("the trunk", report)
                          + "\nIs it a pretrained model of the same HRNet width?")
     if not usable:
-        raise ValueError(f"{source}: no key matches the trunk; file keys look like "
+        raise InvalidInputError(f"{source}: no key matches the trunk; file keys look like "
                          f"{_few(state, 3)}, trunk keys like {_few(target, 3)}")
     trunk.load_state_dict(usable, strict=False)
     report.loaded = len(usable)

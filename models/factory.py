@@ -8,6 +8,7 @@ from .hrnetv2 import TRUNK_FOR_BASE
 from .lighthrnet import LightHRNet
 from .nus import DeepLabV3MobileNetV2
 from .ocrnet import AuxHRNet, MscaleOCRNet, OCRNet
+from utils.errors import InvalidInputError, InvalidOptionError
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,12 @@ OTHER_ARCHS: Dict[str, ArchSpec] = {
 
 def _parse_base(hrnet_base) -> int:
     if isinstance(hrnet_base, bool):
-        raise ValueError(f"hrnet_base must be an integer such as 18, got {hrnet_base!r}")
+        raise InvalidInputError(f"hrnet_base must be an integer such as 18, got {hrnet_base!r}")
     if isinstance(hrnet_base, str) and hrnet_base.strip().isdigit():
         return int(hrnet_base)
     if isinstance(hrnet_base, int):
         return hrnet_base
-    raise ValueError(f"hrnet_base must be an integer such as 18, got {hrnet_base!r}")
+    raise InvalidInputError(f"hrnet_base must be an integer such as 18, got {hrnet_base!r}")
 
 
 def get_net(arch: str, num_classes: int = 19, has_edge: bool = False,
@@ -122,28 +123,28 @@ def get_net(arch: str, num_classes: int = 19, has_edge: bool = False,
     ``arch`` and ``hrnet_base`` attributes.
     """
     if arch not in ARCHS and arch not in OTHER_ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(list(ARCHS) + list(OTHER_ARCHS))}")
+        raise InvalidInputError(f"unknown arch {arch!r}; valid: {', '.join(list(ARCHS) + list(OTHER_ARCHS))}")
     spec = ARCHS.get(arch) or OTHER_ARCHS[arch]
     if not spec.bases:  # not an HRNet (OTHER_ARCHS)
         if hrnet_base is not None:
-            raise ValueError(f"arch {arch} takes no hrnet_base, got {hrnet_base!r}: {spec.why_not}")
+            raise InvalidInputError(f"arch {arch} takes no hrnet_base, got {hrnet_base!r}: {spec.why_not}")
         unknown = sorted(set(options) - set(spec.options))
         if unknown:
-            raise TypeError(f"arch {arch} got unknown option(s) {unknown}; accepted: {', '.join(spec.options)}")
+            raise InvalidOptionError(f"arch {arch} got unknown option(s) {unknown}; accepted: {', '.join(spec.options)}")
         net = spec.builder(num_classes=num_classes, has_edge=bool(has_edge), **options)
         net.arch, net.hrnet_base = arch, None
         return net
     base = spec.default_base if hrnet_base is None else _parse_base(hrnet_base)
     if base not in spec.bases:
-        raise ValueError(
+        raise InvalidInputError(
             f"arch {arch} accepts hrnet_base {', '.join(map(str, spec.bases))} "
             f"(default {spec.default_base}), got {base}: {spec.why_not}")
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         accepted = ", ".join(spec.options) if spec.options else "none"
-        raise TypeError(f"arch {arch} got unknown option(s) {unknown}; accepted: {accepted}")
+        raise InvalidOptionError(f"arch {arch} got unknown option(s) {unknown}; accepted: {accepted}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        raise InvalidInputError(f"num_classes must be a positive integer, got {num_classes!r}")
     net = spec.builder(num_classes=num_classes, has_edge=bool(has_edge),
                        trunk=TRUNK_FOR_BASE[base], **options)
     net.arch = arch

@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import torch
 from torch import nn
+from utils.errors import InvalidInputError
 
 __all__ = ["MobileNetV2", "INVERTED_RESIDUAL_SETTING", "load_imagenet_mobilenetv2", "make_divisible"]
 
@@ -72,9 +73,9 @@ class MobileNetV2(nn.Module):
                  num_classes: int = 1000, dropout: float = 0.2):
         super().__init__()
         if width <= 0:
-            raise ValueError(f"MobileNetV2 width multiplier must be > 0, got {width}")
+            raise InvalidInputError(f"MobileNetV2 width multiplier must be > 0, got {width}")
         if output_stride not in (8, 16, 32):
-            raise ValueError(f"MobileNetV2 output_stride must be 8, 16 or 32, got {output_stride}")
+            raise InvalidInputError(f"MobileNetV2 output_stride must be 8, 16 or 32, got {output_stride}")
         self.width, self.output_stride = width, output_stride
         channels = make_divisible(32 * width)
         features: List[nn.Module] = [ConvBNReLU6(3, channels, stride=2)]
@@ -125,14 +126,14 @@ def load_imagenet_mobilenetv2(backbone: MobileNetV2, path: str, prefix: str = ""
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict of MobileNetV2 weights, got {type(state).__name__}")
+        raise InvalidInputError(f"{path}: expected a state dict of MobileNetV2 weights, got {type(state).__name__}")
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = backbone.state_dict()
     missing = sorted(k for k in own if k not in state)
     mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                         for k in own if k in state and state[k].shape != own[k].shape)
     if missing or mismatched:
-        raise ValueError(f"{path} does not fit MobileNetV2 (width {backbone.width}): "
+        raise InvalidInputError(f"{path} does not fit MobileNetV2 (width {backbone.width}): "
                          f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
                          f"mis-shaped {mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}")
     backbone.load_state_dict({k: state[k] for k in own})

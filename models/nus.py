@@ -36,6 +36,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from .mobilenetv2 import MobileNetV2
+from utils.errors import InvalidInputError
 
 __all__ = ["AuxiliaryNet", "DeepLabHead", "DeepLabV3MobileNetV2", "NUSSegmenter", "normalize_locations",
            "resize_locations", "sample", "uniform_grid", "unsample"]
@@ -71,7 +72,7 @@ class DeepLabV3MobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 19, has_edge: bool = False, width: float = 1.0, output_stride: int = 16):
         super().__init__()
         if has_edge:
-            raise ValueError("arch deeplabv3.MobileNetV2 has no edge head: use has_edge False")
+            raise InvalidInputError("arch deeplabv3.MobileNetV2 has no edge head: use has_edge False")
         self.backbone = MobileNetV2(width=width, output_stride=output_stride)
         self.head = DeepLabHead(self.backbone.out_channels, num_classes)
 
@@ -95,7 +96,7 @@ class AuxiliaryNet(nn.Module):
     def __init__(self, input_size: int = 64, width: float = 0.25, output_stride: int = 8):
         super().__init__()
         if input_size % output_stride:
-            raise ValueError(f"auxiliary net input_size {input_size} must be a multiple of output_stride "
+            raise InvalidInputError(f"auxiliary net input_size {input_size} must be a multiple of output_stride "
                              f"{output_stride}")
         self.input_size = int(input_size)
         self.grid_size = (input_size // output_stride,) * 2
@@ -283,8 +284,8 @@ def _plane_coefficients(rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tens
     torch.add(coef[1, 1], coef[1, 2], out=coef[1, 0]).neg_()
     torch.add(coef[2, 1], coef[2, 2], out=coef[2, 0]).neg_()
     torch.addcmul(coef[1] * r0, coef[2], c0, out=coef[0]).neg_()
-    coef[0, 0] += 1
-    coef[0] += (~ok).float() / 3
+    coef[0, 0] += ok.float()  # a proper triangle: vertex 0 takes what the other two leave
+    coef[0] += (~ok).float() / 3  # a degenerate one: its three vertices alike
     return coef.transpose(1, 2).contiguous(), folded
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from .heads import EdgeHead, HRHead, OCRBlock, pixel_classifier, scale_attention_head
 from .hrnetv2 import hrnetv2
 from .layers import conv1x1, rescale, resize_as, resize_to
+from utils.errors import InvalidInputError
 
 Outputs = Dict[str, torch.Tensor]
 
@@ -119,13 +120,13 @@ def _validate_scales(scales: Iterable[float]) -> Tuple[float, ...]:
     try:
         values = tuple(float(s) for s in scales)
     except (TypeError, ValueError):
-        raise ValueError(f"scales must be a sequence of numbers, got {scales!r}") from None
+        raise InvalidInputError(f"scales must be a sequence of numbers, got {scales!r}") from None
     if 1.0 not in values:
-        raise ValueError(f"scales must contain 1.0 (the output resolution), got {values}")
+        raise InvalidInputError(f"scales must contain 1.0 (the output resolution), got {values}")
     if any(s <= 0 for s in values):
-        raise ValueError(f"scales must be positive, got {values}")
+        raise InvalidInputError(f"scales must be positive, got {values}")
     if len(set(values)) != len(values):
-        raise ValueError(f"scales must not repeat, got {values}")
+        raise InvalidInputError(f"scales must not repeat, got {values}")
     return values
 
 
@@ -158,7 +159,7 @@ class MscaleOCRNet(nn.Module):
             self.edge_head = EdgeHead(ch)
         self.scales = scales
         if not 0.0 < float(lo_scale) < 1.0:
-            raise ValueError(f"lo_scale must be in (0, 1), got {lo_scale}")
+            raise InvalidInputError(f"lo_scale must be in (0, 1), got {lo_scale}")
         self.lo_scale = float(lo_scale)
 
     @property

@@ -199,3 +199,26 @@ def test_error_after_start_still_reported_by_every_rank(tiny_cityscapes, tmp_pat
     assert proc.returncode != 0
     for rank in (0, 1):
         assert f"[rank {rank}] error:" in proc.stderr, proc.stderr
+
+
+def test_a_model_folder_validates_like_its_checkpoint(tiny_cityscapes, edge_checkpoint, tmp_path):
+    """tools/export.py --format safetensors writes a model folder; validation takes it as --model_path
+    and reports the checkpoint's metrics exactly."""
+    from models import save_pretrained
+    from datasets import TRAIN_CLASS_COLORS, TRAIN_CLASS_NAMES
+
+    net = models.get_net(ARCH, has_edge=True)
+    models.load_checkpoint(net, str(edge_checkpoint))
+    folder = tmp_path / "model"
+    save_pretrained(net, folder, {"class_names": list(TRAIN_CLASS_NAMES),
+                                  "class_colors": [list(c) for c in TRAIN_CLASS_COLORS]})
+    runs = {}
+    for name, path, flags in (("pth", edge_checkpoint, ["--arch", ARCH, "--hrnet_base", 16, "--has_edge", "True"]),
+                              ("folder", folder, [])):
+        proc = run_cli(["--output_dir", tmp_path / name, "--model_path", path, "--dataset_dir", tiny_cityscapes,
+                        "--num_workers", 0, "--max_images", 2, *flags])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = load_metrics(tmp_path / name)
+    keys = ("miou", "mba", "boundary_f", "edge_f", "per_class_iou", "val_loss")
+    assert {k: runs["folder"].get(k) for k in keys} == {k: runs["pth"].get(k) for k in keys}
+    assert runs["folder"]["arch"] == ARCH and runs["folder"]["has_edge"] is True

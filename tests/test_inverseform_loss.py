@@ -1,5 +1,6 @@
 """inverseform.loss against straightforward per-image implementations of the definitions."""
 import ast
+import math
 import pathlib
 
 import numpy as np
@@ -258,6 +259,27 @@ def test_edge_attention_equals_masked_loop(n):
            ref_image_ce(seg_logits, masked, 5))
 
 
+def test_edge_attention_by_hand():
+    """Three pixels, edge outputs 0.7, 0.9 and 2.0 against the threshold 0.8 (the reference
+    compares the edge output as given, here logits): the first pixel is left out, the two others
+    weigh 1 + (1 - 1/2) each (half of the kept pixels per class), so the loss is the plain mean of
+    their two negative log-likelihoods."""
+    seg_logits = torch.tensor([[[[2.0, 0.5, 1.0]], [[0.0, 1.5, -1.0]]]])  # 1 x 2 classes x 1 x 3
+    seg_target = torch.tensor([[[0, 1, 0]]])
+    edge = torch.tensor([[[[0.7, 0.9, 2.0]]]])
+
+    def nll(logits, cls):
+        return math.log(sum(math.exp(v) for v in logits)) - logits[cls]
+
+    expected = (nll([0.5, 1.5], 1) + nll([1.0, -1.0], 0)) / 2
+    value = edge_attention_cross_entropy(seg_logits, seg_target, edge, num_classes=2)
+    assert float(value) == pytest.approx(expected, rel=1e-6)
+    # with sigmoid probabilities instead (0.67, 0.71, 0.88) only the last pixel would count
+    only_last = nll([1.0, -1.0], 0)
+    assert float(edge_attention_cross_entropy(seg_logits, seg_target, torch.sigmoid(edge), num_classes=2)) == \
+        pytest.approx(only_last, rel=1e-6)
+
+
 # joint loss -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 3])
 def test_joint_loss_equals_straightforward_composition(small_net, n):
@@ -408,7 +430,8 @@ def test_no_host_synchronisation_without_input_checks(small_net, monkeypatch):
 
 def test_package_imports_nothing_of_ours():
     root = pathlib.Path(inverseform.__file__).parent
-    allowed = {"torch", "__future__", "contextlib", "json", "math", "os", "re", "tempfile", "pathlib", "typing"}
+    allowed = {"torch", "__future__", "contextlib", "hashlib", "io", "json", "math", "os", "re", "tempfile", "pathlib",
+               "typing"}
     for path in root.glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):

@@ -293,3 +293,20 @@ def test_bench_nus_runs_and_checks_its_thread_counts():
     bad = subprocess.run([sys.executable, str(script), *small, "--threads", "1,zero"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "--threads expects comma-separated positive integers, got '1,zero'" in bad.stderr
+
+
+def test_degenerate_triangles_weigh_their_vertices_equally():
+    """A cell collapsed onto a line has two zero-area triangles: each vertex weighs 1/3 everywhere
+    (the weights of any triangle sum to 1); a proper triangle keeps its barycentric planes."""
+    from models.nus import _plane_coefficients
+
+    rows = torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [4.0, 4.0]]], dtype=torch.float64)
+    cols = torch.tensor([[[0.0, 4.0], [0.0, 4.0]], [[0.0, 4.0], [0.0, 4.0]]], dtype=torch.float64)
+    flip = torch.zeros(2, 1, 1, dtype=torch.bool)
+    coef, _ = _plane_coefficients(rows, cols, flip, 5, 5)  # (constant, r', c') x triangle x vertex
+    degenerate, proper = coef[:, :2], coef[:, 2:]
+    torch.testing.assert_close(degenerate[0], torch.full((2, 3), 1 / 3))
+    assert degenerate[1:].abs().max() == 0
+    for r, c in ((0.0, 0.0), (2.0, 1.0), (4.0, 4.0)):  # the weights of a proper triangle sum to 1
+        weights = proper[0] + proper[1] * (r - 2) + proper[2] * (c - 2)
+        torch.testing.assert_close(weights.sum(1), torch.ones(2))

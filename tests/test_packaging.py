@@ -42,7 +42,7 @@ def test_only_plugins_and_the_launcher_are_top_level(setup_kwargs):
     for name in PRIVATE + ("configs",):
         assert setup_kwargs["package_dir"][f"inverseform_seg._root.{name}"] == name
         assert f"inverseform_seg._root.{name}" in setup_kwargs["packages"]
-    assert setup_kwargs["package_data"]["inverseform_seg._root.configs"] == ["*.yaml"]
+    assert setup_kwargs["package_data"]["inverseform_seg._root.configs"] == ["*.yaml", "classes/*.yaml"]
     # every subpackage of a private package is shipped too
     for name in PRIVATE:
         for init in (ROOT / name).rglob("__init__.py"):

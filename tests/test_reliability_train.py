@@ -21,6 +21,7 @@ from experiment.methods import train
 from experiment.train import build_parser
 from utils import dist
 from utils.config import load_config
+from utils.errors import UnreadableInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -233,12 +234,12 @@ def test_disk_full_and_wrapped_ctrl_c_exit_codes(tmp_path, capsys, monkeypatch):
 
 
 def test_dataloader_worker_errors_become_their_original_line(capsys):
-    message = ("Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-               '  File "x.py", line 1, in f\nOSError: cannot read image file /d/a.png: unreadable, truncated or '
-               "not an image\n")
+    message = ("Caught UnreadableInputError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+               'last):\n  File "x.py", line 1, in f\nutils.errors.UnreadableInputError: cannot read image file /d/a.png: '
+               "unreadable, truncated or not an image\n")
 
-    def fail():
-        raise OSError(message)
+    def fail():  # DataLoader re-raises a worker's error as its own class with this text
+        raise UnreadableInputError(message)
 
     code, err = run_main_exit(fail, capsys)
     assert code == 1

@@ -242,10 +242,12 @@ def test_loss_value_and_reference_backward(kernel):
     seg = seg.requires_grad_(True)
     loss = densecrf_loss(image, seg, roi, 0.5, 12.0, 6.0, kernel=kernel)
     masked = seg.detach() * roi[:, None]
-    filtered = bilateral_filter(image, masked, 12.0, 6.0, kernel=kernel)
-    assert loss.item() == pytest.approx(-0.5 * (masked * filtered).sum().item() / n, rel=1e-6)
+    oracle = numpy_lattice_filter if kernel == "permutohedral" else dense_gaussian  # computed another way
+    filtered = torch.from_numpy(np.stack([oracle(image[b].numpy(), masked[b].numpy(), 12.0, 6.0)
+                                          for b in range(n)])).float()
+    assert loss.item() == pytest.approx(-0.5 * (masked * filtered).sum().item() / n, rel=1e-5)
     loss.backward()
-    torch.testing.assert_close(seg.grad, -2 * 0.5 * filtered * roi[:, None] / n)
+    torch.testing.assert_close(seg.grad, -2 * 0.5 * filtered * roi[:, None] / n, rtol=1e-4, atol=1e-6)
     assert seg.grad[1, :, :, 9:].abs().max() == 0
 
 

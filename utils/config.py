@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import math
 import os
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import yaml
 
+from utils.errors import InvalidInputError
 from utils.io import atomic_write_text
 
 T = TypeVar("T")
@@ -41,8 +43,28 @@ T = TypeVar("T")
 BASE_KEY = "_base_"
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInputError):
     """A config file, key or value that does not fit the schema."""
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: a config has no use for them, and nested aliases expand
+    exponentially (a few hundred bytes can ask for gigabytes)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}, column {event.start_mark.column + 1}: YAML aliases "
+                              "(*name) are not accepted in configs; write the value out")
+        return super().compose_node(parent, index)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where in the file and what is wrong."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).splitlines()[0]
+    return where + " ".join(str(what).split())
 
 
 # ----------------------------------------------------------------------------- path fields
@@ -119,9 +141,13 @@ def read_yaml(path: Union[str, os.PathLike], _seen: Tuple[str, ...] = (), *,
         raise ConfigError(f"config file {path} does not exist")
     try:
         with open(path, "r", encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=NoAliasLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}, {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -133,6 +159,9 @@ def read_yaml(path: Union[str, os.PathLike], _seen: Tuple[str, ...] = (), *,
         return data
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"config file {path}: '{BASE_KEY}' must name a config file or a list of them, "
+                          f"got {_describe(bases)}")
     merged: Dict[str, Any] = {}
     for base in bases:
         base_path = Path(base) if os.path.isabs(base) else path.parent / base
@@ -162,7 +191,9 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=NoAliasLoader) if raw.strip() else ""
+    except ConfigError as exc:
+        raise ConfigError(f"override {text!r}: {exc}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -199,8 +230,13 @@ def _type_name(tp: Any) -> str:
     return f"{name}[{args}]"
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 50, 50, 6, 6, 3
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    """The type and a short repr, never built whole (a value may be huge)."""
+    text = _SHORT.repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}"

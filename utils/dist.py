@@ -20,6 +20,8 @@ from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
+from utils.errors import InvalidInputError, SetupError
+from utils.io import make_dirs
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -45,12 +47,12 @@ def _env_int(name: str, default: Optional[int] = None) -> int:
     raw = os.environ.get(name)
     if raw is None:
         if default is None:
-            raise RuntimeError(f"environment variable {name} is not set (expected from torchrun)")
+            raise SetupError(f"environment variable {name} is not set (expected from torchrun)")
         return default
     try:
         return int(raw)
     except ValueError:
-        raise RuntimeError(f"environment variable {name}={raw!r} is not an integer") from None
+        raise SetupError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
@@ -59,21 +61,21 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     device: 'auto' (CUDA when available, else CPU), 'cpu', or 'cuda'.
     """
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        raise InvalidInputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but torch.cuda.is_available() is False "
+        raise SetupError("device 'cuda' was requested but torch.cuda.is_available() is False "
                            f"(torch {torch.__version__}; a CPU-only build cannot use a GPU)")
 
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world_size:
-        raise RuntimeError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size})")
+        raise SetupError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size})")
 
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+            raise SetupError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
@@ -84,7 +86,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
 
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise RuntimeError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun")
+        raise SetupError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun")
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         kwargs = dict(backend=backend, init_method="env://", rank=rank, world_size=world_size,
@@ -211,7 +213,7 @@ def setup_logging(output_dir: Optional[str] = None, rank: Optional[int] = None,
     console._inverseform = True  # type: ignore[attr-defined]
     root.addHandler(console)
     if output_dir is not None and rank == 0:
-        os.makedirs(output_dir, exist_ok=True)
+        make_dirs(output_dir)
         file_handler = logging.FileHandler(os.path.join(output_dir, filename))
         file_handler.setLevel(level)
         file_handler.setFormatter(fmt)

@@ -23,3 +23,11 @@ class InvalidInputError(InputError, ValueError):
 
 class UnreadableInputError(InputError, OSError):
     """A file exists but cannot be read or written (corrupt, truncated, no permission, disk full)."""
+
+
+class InvalidOptionError(InputError, TypeError):
+    """An option (a keyword of a builder, an argument) that does not exist or does not apply."""
+
+
+class SetupError(InputError, RuntimeError):
+    """The environment a run was started in does not fit it (launcher variables, devices)."""

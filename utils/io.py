@@ -8,11 +8,14 @@ place with ``os.replace`` (atomic on POSIX and Windows for the same filesystem).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Union
+
+from utils.errors import UnreadableInputError
 
 PathLike = Union[str, os.PathLike]
 
@@ -34,7 +37,7 @@ def atomic_open(path: PathLike, mode: str = "wb", encoding: str | None = None) -
     try:
         # mkstemp creates 0600; give the file the mode a plain open() would (umask applied),
         # so that teammates can read checkpoints as they could any other file of the run.
-        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
@@ -52,7 +55,15 @@ def atomic_open(path: PathLike, mode: str = "wb", encoding: str | None = None) -
         raise
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status).  Where that is not
+    available it is set and restored, which another thread creating a file at that moment could
+    see."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -70,9 +81,31 @@ def find_in_chain(exc: BaseException, kind: type):
 
 
 def _named_os_error(exc: OSError, path: Path) -> OSError:
-    """An OSError of the same errno whose message names the destination ``path``."""
+    """An OSError of the same errno whose message names the destination ``path`` (a file the
+    user's settings chose: an input error, shown as one line)."""
     reason = exc.strerror or str(exc) or type(exc).__name__
-    return OSError(exc.errno, f"cannot write {path}: {reason}")
+    return UnreadableInputError(exc.errno, f"cannot write {path}: {reason}")
+
+
+def make_dirs(path: PathLike, what: str = "output_dir") -> None:
+    """``os.makedirs(path, exist_ok=True)``, failing with one line that names ``what`` and the
+    path: a file in the way, a link to nowhere, no permission, a full or read-only disk."""
+    path = os.fspath(path)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UnreadableInputError(errno.ENOENT, f"{what} {path} is a symbolic link to {os.readlink(path)}, "
+                                                 "which does not exist")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UnreadableInputError(exc.errno, f"cannot create {what} {path}: {reason}"
+                                              f"{f' ({exc.filename})' if exc.filename not in (None, path) else ''}"
+                                   ) from exc
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

@@ -4,19 +4,21 @@ sampling over seeds).  Each claims its own directory like a run does, and hands 
 engine in this process or to child processes (children.py)."""
 from __future__ import annotations
 
+import contextlib
 import copy
-import os
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from experiment.errors import UserError
 from experiment.methods import RunOptions
-from experiment.run_dir import Outputs, claim_output_dir
+from experiment.run_dir import Outputs, claim_output_dir, holding
 from experiment.runtime import on_main_first
 
 
-def claim_comparison_dir(output_dir: str, outputs: Outputs, options: RunOptions) -> None:
-    """Refuse a directory holding an earlier comparison unless resumed or ``--overwrite``d (then
-    all its runs are moved aside together)."""
+@contextlib.contextmanager
+def comparison_dir(output_dir: str, outputs: Outputs, options: RunOptions) -> Iterator[None]:
+    """Hold ``output_dir`` for the comparison: refused while another run holds it, or when it
+    holds an earlier comparison that is neither resumed nor ``--overwrite``n (then all its runs
+    are moved aside together)."""
     if options.stop_after is not None:
         raise UserError("--stop_after stops a single run; a comparison stops with SIGTERM (each unfinished run "
                         "checkpoints) and continues with --resume")
@@ -24,11 +26,10 @@ def claim_comparison_dir(output_dir: str, outputs: Outputs, options: RunOptions)
         raise UserError(f"--resume {options.resume}: a comparison continues each of its runs from its own "
                         "OUTPUT_DIR/<run>/last.pth; give --resume without a path")
 
-    def claim() -> None:
-        os.makedirs(output_dir, exist_ok=True)
-        claim_output_dir(output_dir, outputs, overwrite=options.overwrite, resuming_here=bool(options.resume))
-
-    on_main_first(claim)
+    with holding(output_dir):
+        on_main_first(lambda: claim_output_dir(output_dir, outputs, overwrite=options.overwrite,
+                                               resuming_here=bool(options.resume)))
+        yield
 
 
 def run_options(options: RunOptions) -> RunOptions:

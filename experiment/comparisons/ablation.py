@@ -35,8 +35,9 @@ import torch
 
 from datasets import colorize
 from experiment.acceleration import place_model, to_device_images
-from experiment.comparisons import claim_comparison_dir, run_options
+from experiment.comparisons import comparison_dir, run_options
 from experiment.comparisons.children import ChildRun, run_children, use_children
+from experiment.checkpoints import config_differences, load_training_checkpoint
 from experiment.config import ExperimentConfig, require
 from experiment.data import dataset_root, val_dataset
 from experiment.errors import UserError
@@ -219,12 +220,30 @@ def _figure_from_checkpoints(cfg: AblationExperimentConfig, variants: List[str],
     return rows
 
 
+def _finished(sub: ExperimentConfig) -> bool:
+    """Whether the run of ``sub`` finished earlier with the same settings; a finished run whose
+    settings differ (it would be reported under the new ones) is refused, naming them."""
+    if not os.path.isfile(os.path.join(sub.output_dir, "metrics.json")):
+        return False
+    path = os.path.join(sub.output_dir, "last.pth")
+    saved = load_training_checkpoint(path).get("config") if os.path.isfile(path) else None
+    if not isinstance(saved, dict):
+        raise UserError(f"ablation run {sub.output_dir} finished but its last.pth records no config to compare; "
+                        "start the ablation anew (--overwrite) or in another --output_dir")
+    refused, _ = config_differences(saved, config_to_dict(sub))
+    if refused:
+        raise UserError(f"--resume: the finished ablation run {sub.output_dir} was trained with other settings "
+                        f"({', '.join(refused)}); start anew (--overwrite) or in another --output_dir")
+    log.info("ablation: %s finished earlier with the same settings", sub.output_dir)
+    return True
+
+
 def _train_runs(cfg: AblationExperimentConfig, ctx: dist.DistContext, options: RunOptions,
                 todo: List[Tuple[str, int, ExperimentConfig]], parallel: bool) -> None:
     a = cfg.ablation
     method = get_method(cfg.method)
     if any(name in ("inverseform", "geodesic") for name, _, _ in todo) and method.prepare is not None:
-        method.prepare(cfg, ctx)  # the regressor, once, before the runs that share it; all threads
+        method.prepare(cfg, ctx, RunOptions())  # the regressor, once, before the runs that share it; all threads
     if a.cpu_threads and ctx.device.type == "cpu":
         torch.set_num_threads(a.cpu_threads)
     if parallel and todo:
@@ -257,15 +276,14 @@ def run_ablation(cfg: AblationExperimentConfig, ctx: dist.DistContext, options: 
                  ) -> Dict[str, Any]:
     """Train every (variant, seed), then print the table and write ablation.json and the figure."""
     check_config(cfg)
-    claim_comparison_dir(cfg.output_dir, OUTPUTS, options)
+    with comparison_dir(cfg.output_dir, OUTPUTS, options):
+        return _run_ablation(cfg, ctx, options)
+
+
+def _run_ablation(cfg: AblationExperimentConfig, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
     a = cfg.ablation
     runs = [(name, seed, variant_config(cfg, name, seed)) for seed in a.seeds for name in a.variants]
-    todo = []
-    for name, seed, sub in runs:
-        if options.resume and os.path.isfile(os.path.join(sub.output_dir, "metrics.json")):
-            log.info("ablation: %s, seed %d finished earlier (%s)", name, seed, sub.output_dir)
-        else:
-            todo.append((name, seed, sub))
+    todo = [(name, seed, sub) for name, seed, sub in runs if not (options.resume and _finished(sub))]
     if ctx.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     parallel = use_children(a.processes, ctx.world_size, "ablation.processes")

@@ -9,14 +9,16 @@ last line, and SIGTERM or Ctrl-C stops every child with a checkpoint (continue w
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from experiment.config import ExperimentConfig
 from experiment.errors import StopRequested, UserError
@@ -70,6 +72,27 @@ def progress(path: str) -> str:
         return ""
     found = _PROGRESS.findall(tail)
     return f"{found[-1][0]} {found[-1][1]}/{found[-1][2]}" if found else ""
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` that has Linux send the child SIGTERM when this process dies (also by
+    kill -9): it then checkpoints and stops instead of training on as an orphan.  None where
+    prctl is not available (the children then outlive a killed parent)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # sent when the forking (main) thread of the parent ends
+        if os.getppid() != parent:  # the parent died before the call: nobody would send it
+            os._exit(1)
+
+    return set_death_signal
 
 
 _PROGRESS = re.compile(r"([\w @]+):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")  # tqdm: "train:  40%|###   | 193/480"
@@ -133,4 +156,5 @@ def _start(run: ChildRun, env: Dict[str, str], resume: bool, overwrite: bool, wh
     log.info("%s %s started -> %s (progress: %s)", what, run.label, run.cfg.output_dir, run.console)
     # the console goes to a file, not a pipe: a pipe nobody reads until the end would block a chatty child
     with open(run.console, "ab") as out:
-        return subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent())

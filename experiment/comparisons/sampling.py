@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from datasets import colorize
-from experiment.comparisons import claim_comparison_dir, run_options, with_settings
+from experiment.comparisons import comparison_dir, run_options, with_settings
 from experiment.comparisons.children import ChildRun, run_children, use_children
 from experiment.data import dataset_root, val_dataset
 from experiment.engine import fit
@@ -54,7 +54,11 @@ OUTPUTS = Outputs(marks=("comparison.json", "metrics.json", "sampling_grid.png",
 def run_nus(cfg: NUSExperimentConfig, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
     """Run what ``nus.mode`` asks; returns what OUTPUT_DIR/comparison.json (compare) or
     metrics.json holds."""
-    claim_comparison_dir(cfg.output_dir, OUTPUTS, options)
+    with comparison_dir(cfg.output_dir, OUTPUTS, options):
+        return _run(cfg, ctx, options)
+
+
+def _run(cfg: NUSExperimentConfig, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
     if cfg.nus.cpu_threads and ctx.device.type == "cpu":
         torch.set_num_threads(cfg.nus.cpu_threads)
     if cfg.nus.mode == "compare" and len(cfg.nus.seeds) > 1:

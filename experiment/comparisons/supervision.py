@@ -14,7 +14,7 @@ from typing import Any, Dict
 
 import torch
 
-from experiment.comparisons import claim_comparison_dir, run_options, with_settings
+from experiment.comparisons import comparison_dir, run_options, with_settings
 from experiment.comparisons.children import ChildRun, run_children, use_children
 from experiment.errors import UserError
 from experiment.methods import RunOptions, get_method, run_single
@@ -44,7 +44,11 @@ def compare_supervision(cfg, ctx: dist.DistContext, options: RunOptions) -> Dict
     """Train the three runs and report them; returns what comparison.json holds."""
     if cfg.weak.densecrf.weight <= 0:
         raise UserError("weak.compare needs weak.densecrf.weight > 0 (the pCE + DenseCRF run)")
-    claim_comparison_dir(cfg.output_dir, OUTPUTS, options)
+    with comparison_dir(cfg.output_dir, OUTPUTS, options):
+        return _compare(cfg, ctx, options)
+
+
+def _compare(cfg, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
     if cfg.weak.cpu_threads and ctx.device.type == "cpu":
         torch.set_num_threads(cfg.weak.cpu_threads)
     subs = {name: with_settings(cfg, os.path.join(cfg.output_dir, name), SETTINGS[name]) for name, _ in RUNS}

@@ -24,16 +24,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from experiment.engine import RunOptions, fit
 from utils import dist
 from utils.config import ConfigError
 
-
-@dataclasses.dataclass(frozen=True)
-class RunOptions:
-    """What the command line asks of a run besides its config."""
-    resume: Any = False              # False, True ("" too) for OUTPUT_DIR/last.pth, or a path
-    overwrite: bool = False
-    stop_after: Optional[int] = None
+__all__ = ["Method", "RunOptions", "get_method", "method_name", "method_names", "register", "run", "run_single",
+           "train"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +37,7 @@ class Method:
     name: str
     config_class: type
     build: Optional[Callable[[Any, dist.DistContext], Any]] = None     # -> experiment.engine.Task
-    prepare: Optional[Callable[[Any, dist.DistContext], None]] = None  # before seeding (files a run needs)
+    prepare: Optional[Callable[[Any, dist.DistContext, RunOptions], None]] = None  # before seeding: files a run needs
     run: Optional[str] = None        # "module:function" taking (cfg, ctx, options)
     summary: str = ""
 
@@ -102,8 +98,6 @@ def method_name(data: Mapping[str, Any]) -> str:
 def run_single(method: Method, cfg: Any, ctx: dist.DistContext, options: RunOptions
                ) -> Tuple[Dict[str, Any], torch.nn.Module]:
     """One run of the engine for ``cfg``."""
-    from experiment.engine import fit
-
     if method.build is None:
         raise ValueError(f"method {method.name!r} has no single run: its configs are run by its own run()")
     return fit(cfg, ctx, method.build, prepare=method.prepare, resume=options.resume, stop_after=options.stop_after,

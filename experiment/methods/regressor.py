@@ -48,7 +48,7 @@ from experiment.data import dataset_root, train_loader
 from experiment.engine import OptimizerSpec, Task
 from experiment.errors import UserError
 from experiment.methods import Method, RunOptions, get_method, register, run_single
-from experiment.runtime import autocast, human_time, resolve_amp
+from experiment.runtime import autocast, human_time, on_main_first, resolve_amp
 from inverseform import InverseNet, ParamNormaliser, params_to_matrix, sample_deviations, save_regressor, warp
 from inverseform.tiling import image_to_tiles, resize_for_tiling
 from inverseform.warps import KIND_COMPONENTS, KIND_NUM_PARAMS
@@ -301,8 +301,18 @@ def format_report(report: Dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- the task
-def prepare(cfg: RegressorConfig, ctx: dist.DistContext) -> None:
+def prepare(cfg: RegressorConfig, ctx: dist.DistContext, options: RunOptions) -> None:
+    """The dataset, and ``output_path`` free: a regressor written earlier is replaced only with
+    ``--overwrite`` (or when this run continues the one that wrote it)."""
     dataset_root(cfg.data)
+
+    def check() -> None:
+        if os.path.exists(cfg.output_path) and not options.overwrite and not options.resume:
+            raise UserError(f"output_path {cfg.output_path} already holds a regressor; choose another output_path, "
+                            "or pass --overwrite to replace it when this run ends (segmentation runs that use it "
+                            "then cannot resume: their checkpoints record the file's SHA-256)")
+
+    on_main_first(check)
 
 
 def build_task(cfg: RegressorConfig, ctx: dist.DistContext) -> Task:

@@ -19,7 +19,7 @@ from torch import nn
 
 from datasets import NUM_CLASSES, colorize
 from experiment.acceleration import to_device_images
-from experiment.checkpoints import require_finite
+from experiment.checkpoints import file_sha256, require_finite
 from experiment.config import ExperimentConfig, LossConfig
 from experiment.data import dataset_root, eval_loader, train_dataset, train_loader, val_dataset
 from experiment.engine import OptimizerSpec, Task
@@ -27,7 +27,7 @@ from experiment.errors import UserError
 from experiment.evaluation import evaluate, metrics_table
 from experiment.joint_loss import joint_loss, load_inverseform
 from experiment.methods import Method, RunOptions, get_method, register, run_single
-from experiment.network import build_model, load_weights
+from experiment.network import build_model, load_weights, read_model_file
 from experiment.pictures import PredictionDumper, denormalize, edge_image
 from experiment.run_config import load_run_config
 from experiment.runtime import resolve_amp
@@ -105,7 +105,7 @@ def ensure_regressor(cfg: ExperimentConfig, ctx: dist.DistContext) -> None:
     run_single(get_method("regressor"), reg_cfg, ctx, RunOptions(resume="auto"))
 
 
-def prepare(cfg: ExperimentConfig, ctx: dist.DistContext) -> None:
+def prepare(cfg: ExperimentConfig, ctx: dist.DistContext, options: RunOptions) -> None:
     dataset_root(cfg.data)
     ensure_regressor(cfg, ctx)
 
@@ -115,8 +115,12 @@ def build_network(cfg: ExperimentConfig, ctx: dist.DistContext) -> torch.nn.Modu
     """``model.arch`` with its ImageNet trunk or initial checkpoint, SyncBatchNorm under torchrun."""
     net = build_model(cfg)
     if cfg.model.pretrained_backbone:
-        report = load_pretrained_backbone(net, cfg.model.pretrained_backbone)
-        log.info("ImageNet backbone %s: %s", cfg.model.pretrained_backbone, report)
+        path = cfg.model.pretrained_backbone
+        try:
+            report = load_pretrained_backbone(net, read_model_file(path, "model.pretrained_backbone"))
+        except ValueError as exc:  # no key of the file fits the trunk, or shapes differ
+            raise UserError(f"model.pretrained_backbone {path}: {str(exc).replace('<state dict>: ', '')}") from exc
+        log.info("ImageNet backbone %s: %s", path, report)
     if cfg.model.init_checkpoint:
         report = load_weights(net, cfg.model.init_checkpoint, "model.init_checkpoint")
         log.info("initialised from %s: %s", cfg.model.init_checkpoint, report)
@@ -222,9 +226,12 @@ def build_task(cfg: ExperimentConfig, ctx: dist.DistContext) -> Task:
         inverseform = load_inverseform(cfg.loss, ctx.device) if inverseform_on else None
         return SegmentationObjective(cfg.loss, cfg.model.num_classes, inverseform).to(ctx.device)
 
-    return segmentation_task(cfg, ctx, train_data, val_data, objective,
-                             "the synthetic dataset" if synthetic else root,
+    task = segmentation_task(cfg, ctx, train_data, val_data, objective, "the synthetic dataset" if synthetic else root,
                              describe=f"; InverseForm {'on' if inverseform_on else 'off'}")
+    if inverseform_on and cfg.loss.inverseform_path and os.path.isfile(cfg.loss.inverseform_path):
+        # a resume with another regressor would not continue the same run: check_resume compares it
+        task.fields["inverseform_regressor_sha256"] = file_sha256(cfg.loss.inverseform_path)
+    return task
 
 
 register(Method("segmentation", ExperimentConfig, build=build_task, prepare=prepare,

@@ -20,7 +20,7 @@ from experiment.config import ExperimentConfig, LossConfig, require
 from experiment.data import color_jitter, dataset_root
 from experiment.engine import Task
 from experiment.errors import UserError
-from experiment.methods import Method, register
+from experiment.methods import Method, RunOptions, register
 from experiment.joint_loss import joint_loss
 from experiment.methods.segmentation import check_num_classes, segmentation_task
 from experiment.pictures import unnormalize
@@ -198,7 +198,7 @@ class WeakObjective(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the method
-def prepare(cfg: WeakExperimentConfig, ctx: dist.DistContext) -> None:
+def prepare(cfg: WeakExperimentConfig, ctx: dist.DistContext, options: RunOptions) -> None:
     if cfg.weak.source == "cityscapes":
         dataset_root(cfg.data)
 
