@@ -226,8 +226,10 @@ def check_resume(state: Mapping[str, Any], path: str, config: Mapping[str, Any],
     if iteration > total_iterations and not any(p.startswith("config") for p in problems):
         problems.append(f"it is at iteration {iteration}, past this run's end ({total_iterations} iterations)")
     if problems:
+        start_anew = " initialised from it with --opt model.init_checkpoint=" + path \
+            if "model.init_checkpoint" in flatten(config) else ""
         raise UserError(f"cannot resume exactly from {path}: " + "; ".join(problems)
                         + ". Resume with the checkpoint's settings (its config.yaml), or start a new run "
-                        "(--output_dir) initialised from it with --opt model.init_checkpoint=" + path)
+                        f"(--output_dir){start_anew}")
     return notices
 

@@ -236,3 +236,94 @@ def test_an_ablation_resume_refuses_finished_runs_of_other_settings(tiny_citysca
     with pytest.raises(UserError, match=r"ce/seed0 was trained with other settings \(optim.lr 0.01 -> 0.5\)"):
         run_ablation(cfg("optim.lr=0.5"), ctx, RunOptions(resume=True))
     assert json.loads((tmp_path / "ablation.json").read_text()) == before
+
+
+# ----------------------------------------------------------------------------- model files, one loader
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 not a zip", b"\x80\x02}q\x00."])
+def test_every_model_file_setting_reads_through_one_loader(tmp_path, content):
+    """init_checkpoint, pretrained_backbone, nus.aux_checkpoint and infer's --model_path: an empty,
+    truncated or foreign file is one line naming it; a folder that is no model folder too."""
+    from experiment.config import ExperimentConfig
+    from experiment.methods.nus import NUSExperimentConfig, load_aux_net
+    from experiment.methods.segmentation import build_network
+    from experiment.network import read_model_file
+    from utils import dist
+
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(content)
+    ctx = dist.DistContext()
+    for key in ("init_checkpoint", "pretrained_backbone"):
+        cfg = load_config(ExperimentConfig, [], ["model.arch=lighthrnet.HRNet16", f"model.{key}={bad}"])
+        with pytest.raises(UserError, match=f"cannot read checkpoint {bad}: ") as info:
+            build_network(cfg, ctx)
+        assert len(str(info.value).splitlines()) == 1
+    with pytest.raises(UserError, match=f"cannot read checkpoint {bad}: "):
+        load_aux_net(NUSExperimentConfig(), str(bad))
+    with pytest.raises(UserError, match=f"model file {tmp_path} is a directory, not a checkpoint file or a model "
+                                        "folder"):
+        read_model_file(str(tmp_path))
+
+
+def test_a_bug_keeps_its_traceback_while_input_errors_are_one_line(capsys):
+    from experiment.cli import run_main
+
+    def bug():
+        return {}["missing"]  # a KeyError of the code, not of the user's input
+
+    with pytest.raises(SystemExit) as info:
+        run_main(bug)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "[rank 0] unexpected error:" in err and "Traceback" in err and "KeyError" in err
+
+    def input_error():
+        raise UserError("config key 'x': expected y")
+
+    with pytest.raises(SystemExit):
+        run_main(input_error)
+    assert capsys.readouterr().err.strip() == "[rank 0] error: config key 'x': expected y"
+
+
+def test_infer_stops_on_failures_that_are_not_about_one_image(tiny_cityscapes, tmp_path, monkeypatch):
+    """An image too small for the network is reported and the others go on; any other failure of
+    the forward (out of memory, a CUDA error, a bug) stops the run with its traceback."""
+    import experiment.infer as infer
+    from experiment.config import ExperimentConfig
+    from models import get_net
+    from utils import dist
+
+    path = tmp_path / "model.pth"
+    torch.save({"state_dict": get_net("lighthrnet.HRNet16").state_dict()}, path)
+    images = tmp_path / "images"
+    shutil.copytree(Path(tiny_cityscapes) / "leftImg8bit" / "val", images)
+
+    def device_assert(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(infer, "predict", device_assert)
+    cfg = load_config(ExperimentConfig, [], [f"output_dir={tmp_path / 'out'}", "model.arch=lighthrnet.HRNet16",
+                                             "model.has_edge=false", "val.num_workers=0"])
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        infer.run_inference(cfg, str(path), str(images), dist.DistContext(), progress=False)
+
+
+def test_sigterm_stops_a_nus_stage_with_a_checkpoint(tiny_cityscapes, tmp_path):
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "nus"
+    args = [sys.executable, "-m", "experiment.train", "--config", "configs/synthetic_nus.yaml", "--dataset_dir",
+            tiny_cityscapes, "--output_dir", str(out)]
+    for opt in NUS_TINY[:-1] + ["nus.mode=adaptive", "nus.aux_steps=400", "train.log_interval=1"]:
+        args += ["--opt", opt]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "aux" / "train_log.jsonl"
+    deadline = time.time() + 180
+    while not (log.is_file() and log.stat().st_size) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    stopped = torch.load(out / "aux" / "last.pth", weights_only=True)["iteration"]
+    assert f"stopped by SIGTERM after iteration {stopped} of 400" in err and 1 <= stopped < 400

@@ -239,3 +239,67 @@ def test_regressor_metadata_written_for_other_weights_is_refused(regressor, tmp_
     weights.with_suffix(".json").unlink()  # no metadata at all: only the released layout may do without
     with pytest.raises(ValueError, match="no metadata file .* beside it"):
         InverseFormLoss(str(weights), tile_factor=1)
+
+
+# ----------------------------------------------------------------------------- child processes
+def children_of(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from Linux /proc")
+def test_children_of_a_killed_comparison_stop_with_a_checkpoint(tiny_cityscapes, tmp_path):
+    out = tmp_path / "cmp"
+    opts = [f"output_dir={out}", f"data.dataset_dir={tiny_cityscapes}", "data.crop_size=[64,128]",
+            "data.class_uniform_fraction=0.0", "data.num_workers=0", "model.arch=lighthrnet.HRNet16",
+            "train.epochs=200", "train.max_iters=400", "train.batch_size=2", "train.log_interval=1",
+            "train.image_interval=0", "train.val_interval=0", "train.checkpoint_interval=0", "train.device=cpu",
+            "train.amp=off", "val.batch_size=1", "val.num_workers=0", "val.max_images=1", "weak.min_area=10",
+            "weak.processes=2", "weak.cpu_threads=1"]
+    parent = subprocess.Popen([sys.executable, "-m", "experiment.train", "--config", "configs/synthetic_scribbles.yaml",
+                               "--opt", *opts], cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline, logs = time.time() + 240, [out / name / "train_log.jsonl" for name in ("densecrf", "pce")]
+    while not all(p.is_file() and p.stat().st_size for p in logs) and time.time() < deadline:
+        time.sleep(0.5)
+    children = children_of(parent.pid)
+    assert len(children) == 2, children
+    parent.kill()  # kill -9: no handler of the parent runs
+    parent.wait()
+    deadline = time.time() + 120
+    while any(alive(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(alive(pid) for pid in children)
+    for name in ("densecrf", "pce"):
+        console = (out / name / "console.txt").read_text()
+        assert "stopped by SIGTERM after iteration" in console, console[-1000:]
+        assert load_training_checkpoint(str(out / name / "last.pth"))["iteration"] < 400
+
+
+def test_a_regressor_run_resumes_only_with_its_own_settings(tiny_cityscapes, tmp_path, ctx):
+    from experiment.methods.regressor import RegressorConfig, train_regressor
+    from utils.config import load_config
+
+    def cfg(*extra):
+        return load_config(RegressorConfig, [], [
+            f"output_dir={tmp_path / 'run'}", f"output_path={tmp_path / 'reg.pth'}", f"data.dataset_dir={tiny_cityscapes}",
+            "data.crop_size=[64,128]", "data.num_workers=0", "model.tile_size=32", "model.hidden=[32,8]",
+            "tiles.tile_factor=1", "train.steps=4", "train.images_per_batch=2", "train.eval_images=2",
+            "train.checkpoint_interval=0", "train.device=cpu", "train.amp=off", *extra])
+
+    assert train_regressor(cfg(), ctx, stop_after=2) == {}
+    with pytest.raises(UserError, match=r"cannot resume exactly .*train.steps 4 -> 8, train.lr 0.0001 -> 0.5"):
+        train_regressor(cfg("train.lr=0.5", "train.steps=8"), ctx, resume=True)
+    assert train_regressor(cfg(), ctx, resume=True)["steps"] == 4
