@@ -30,8 +30,9 @@ FLAGS = {**SHARED_FLAGS, "seeds": "ablation.seeds", "variants": "ablation.varian
 def build_parser() -> argparse.ArgumentParser:
     p = script_parser(__doc__, "the ablation's directory: one run per variant and seed, ablation.json, ablation.png",
                       opt_example="ablation.seeds=[0,1] train.epochs=10", config_required=True)
-    p.add_argument("--resume", action="store_true",
-                   help="keep the finished runs and continue an interrupted one (OUTPUT_DIR/<variant>/seed<k>)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=(True, "auto"), metavar="auto",
+                   help="keep the finished runs and continue an interrupted one (OUTPUT_DIR/<variant>/seed<k>); "
+                        "auto: the same, and start anew when OUTPUT_DIR holds no ablation")
     p.add_argument("--overwrite", action="store_true",
                    help="start anew in an OUTPUT_DIR holding an earlier ablation (moved to OUTPUT_DIR/replaced-<time>/)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (ablation.seeds)")

@@ -153,6 +153,7 @@ RESUME_MAY_CHANGE = {
     "train.deterministic": "kernel selection: later iterations may differ in the last bits",
     "train.compile": "speed only: the same computation compiled (equal to floating-point tolerance)",
     "train.stop_timeout": "how long a stop signal may take",
+    "train.resume": "how a start finds an earlier run, not the run itself",
     "cuda_overrides": "nothing by itself (the keys it sets are compared like any other)",
 }
 RESUME_MAY_CHANGE_SECTIONS = {"val": "validation only (metrics and best.pth selection), not the weights"}
@@ -207,8 +208,10 @@ def check_resume(state: Mapping[str, Any], path: str, config: Mapping[str, Any],
             problems.append(f"{key} {saved!r} in the checkpoint, {value!r} now")
     saved_world = len(state.get("rng", [])) or None
     if saved_world is not None and saved_world != world_size:
-        problems.append(f"{saved_world} processes wrote it, {world_size} now (the data shards and the "
-                        "per-process batches would differ)")
+        problems.append(f"{saved_world} processes wrote it, {world_size} now (each process's shard of the data, "
+                        "its batches, the samples seen per iteration and so the schedule would differ: a run "
+                        "continues with the number of processes it started with, also after an elastic restart "
+                        "with another count)")
     notices: List[str] = []
     saved_cfg = state.get("config")
     if isinstance(saved_cfg, Mapping):

@@ -170,8 +170,12 @@ class RunConfig:
     # seconds a stop signal may take to end the run with a checkpoint; then (or at a second
     # signal) the process exits without one (a rank stuck in a collective never gets there)
     stop_timeout: float = 120.0
+    # auto: continue OUTPUT_DIR/last.pth when it exists, start anew when the directory holds no run
+    # (--resume auto): one command line for the first launch and every restart
+    resume: str = "off"
 
     def validate(self) -> None:
+        require(self.resume in ("off", "auto"), f"config key 'train.resume' must be off or auto, got {self.resume!r}")
         self.compile = normalise_compile_mode(self.compile, "train.compile")
         require(self.stop_timeout > 0, f"config key 'train.stop_timeout' must be > 0, got {self.stop_timeout}")
         self.amp = normalise_amp_mode(self.amp, "train.amp")

@@ -146,6 +146,7 @@ def fit(cfg, ctx: dist.DistContext, build: Callable[[Any, dist.DistContext], Tas
     seeded (files the run needs, e.g. a regressor trained first).  SIGTERM/SIGUSR1 end the run after the
     current iteration with a checkpoint on every rank (StopRequested)."""
     stop = StopSignal(grace=cfg.train.stop_timeout)
+    resume = resume_setting(cfg, resume)
     check_same_settings(cfg, ctx)
     with stop.installed(), holding(cfg.output_dir):
         last_path = os.path.join(cfg.output_dir, "last.pth")
@@ -166,6 +167,13 @@ def fit(cfg, ctx: dist.DistContext, build: Callable[[Any, dist.DistContext], Tas
         if ctx.is_main:  # after the resume checks: a refused resume leaves the run's config.yaml alone
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         return trainer.run(stop_after), trainer.net
+
+
+def resume_setting(cfg, resume: Union[bool, str, None]) -> Union[bool, str, None]:
+    """The command line's ``--resume``, else the config's ``train.resume`` ("auto")."""
+    if resume in (None, False) and getattr(cfg.train, "resume", "off") == "auto":
+        return "auto"
+    return resume
 
 
 def _resume_path(resume: Union[bool, str, None], last_path: str, output_dir: str) -> Optional[str]:

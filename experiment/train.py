@@ -34,9 +34,11 @@ FLAGS = {**SHARED_FLAGS, "max_iters": "train.max_iters", "amp": "train.amp", "se
 def build_parser() -> argparse.ArgumentParser:
     p = script_parser(__doc__, "run directory: config, checkpoints, metrics, TensorBoard, predictions",
                       opt_example="optim.lr=0.01 train.batch_size=4", config_required=True)
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH|auto",
                    help="continue from PATH, or from OUTPUT_DIR/last.pth when no path is given; refused "
-                        "(naming the keys) when the settings differ from the checkpoint's")
+                        "(naming the keys) when the settings differ from the checkpoint's.  auto: continue "
+                        "OUTPUT_DIR/last.pth when it exists, else start anew (one command line for the first "
+                        "launch and every restart, e.g. under torchrun --max-restarts; train.resume: auto)")
     p.add_argument("--overwrite", action="store_true",
                    help="start anew in an OUTPUT_DIR that holds an earlier run: its outputs are moved into "
                         "OUTPUT_DIR/replaced-<time>/ (without it such a directory is refused)")

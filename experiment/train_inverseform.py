@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                            opt_example="train.lr=0.0003 model.tile_size=64")
     parser.add_argument("--output_path", help="where to write the regressor .pth (+ .json beside it)")
     parser.add_argument("--steps", type=int, help="training steps")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pth")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, choices=(True, "auto"), metavar="auto",
+                        help="continue from OUTPUT_DIR/last.pth; auto: when it exists, else start anew")
     parser.add_argument("--overwrite", action="store_true",
                         help="start anew in an OUTPUT_DIR that holds an earlier run (moved to OUTPUT_DIR/replaced-<time>/)")
     parser.add_argument("--stop_after", type=int, help="stop (with a checkpoint) after this step; resume later")

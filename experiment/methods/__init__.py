@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from experiment.engine import RunOptions, fit
+from experiment.engine import RunOptions, fit, resume_setting
 from utils import dist
 from utils.config import ConfigError
 
@@ -107,6 +107,7 @@ def run_single(method: Method, cfg: Any, ctx: dist.DistContext, options: RunOpti
 def run(cfg: Any, ctx: dist.DistContext, options: RunOptions = RunOptions()) -> Any:
     """What ``experiment.train`` does with ``cfg``: its method's ``run``, else one engine run."""
     method = get_method(cfg.method)
+    options = dataclasses.replace(options, resume=resume_setting(cfg, options.resume))
     if method.run is None:
         return run_single(method, cfg, ctx, options)
     module, function = method.run.split(":")
