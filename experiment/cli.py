@@ -12,6 +12,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from experiment.config import DATASETS
 from experiment.errors import StopRequested, is_user_error, one_line
 from experiment.runtime import set_threads_for_cpu
 from utils import dist
@@ -21,7 +22,8 @@ from utils.io import find_in_chain
 log = logging.getLogger("experiment")
 
 # flag -> config key, for the flags every script has
-SHARED_FLAGS = {"output_dir": "output_dir", "dataset_dir": "data.dataset_dir", "device": "train.device"}
+SHARED_FLAGS = {"output_dir": "output_dir", "dataset_dir": "data.dataset_dir", "dataset": "data.dataset",
+                "class_table": "data.class_table", "device": "train.device"}
 # test-time inference flags shared by validation and infer (experiment/tta.py)
 INFERENCE_FLAGS = {"scales": "model.eval_scales", "sliding_window": "val.sliding_window",
                    "window_size": "val.window_size", "window_stride": "val.window_stride", "flip": "val.flip"}
@@ -60,7 +62,7 @@ def size_pair(text: str) -> Tuple[int, int]:
 def script_parser(doc: str, output_help: str, opt_example: str = "optim.lr=0.01 train.amp=false",
                   config_required: bool = False) -> argparse.ArgumentParser:
     """The arguments every experiment script shares: --config/--opt, --output_dir (or --output-dir),
-    --dataset_dir (or --dataset-dir), --device, and torch.distributed.launch's --local_rank
+    --dataset_dir (or --dataset-dir), --dataset, --class_table, --device, and torch.distributed.launch's --local_rank
     (accepted, unused: torchrun's LOCAL_RANK variable is read instead).  ``opt_example``: real keys
     of the script's config for --opt's help.  Required flags go in ``parser.required_arguments``,
     listed under their own heading by --help."""
@@ -74,7 +76,13 @@ def script_parser(doc: str, output_help: str, opt_example: str = "optim.lr=0.01 
                                      "its project, not the current directory")
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir", help=output_help)
     parser.add_argument("--dataset_dir", "--dataset-dir", dest="dataset_dir",
-                        help="Cityscapes root (default: $CITYSCAPES_DATASET, else the synthetic dataset)")
+                        help="the dataset's root (default: $CITYSCAPES_DATASET for cityscapes, else the synthetic "
+                             "dataset)")
+    parser.add_argument("--dataset", choices=DATASETS,
+                        help="what reads --dataset_dir: cityscapes (default), folder (images/ + labels/ or a list "
+                             "of pairs, with a class table; docs/datasets.md) or nyu (NYU-Depth-v2, 40 classes)")
+    parser.add_argument("--class_table", "--class-table", dest="class_table",
+                        help="folder datasets: the class table YAML (default <root>/classes.yaml)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -151,10 +159,26 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 def _exit(code: int, message: Optional[str]) -> None:
     if message is not None:
-        print(message, file=sys.stderr)
-        sys.stderr.flush()
+        write_line_whole(message)
     dist.cleanup()
     sys.exit(code)
+
+
+def write_line_whole(message: str) -> None:
+    """``message`` and its newline to stderr in one write, so that the lines of ranks failing at
+    the same moment never run into each other (a pipe keeps writes of up to 4 KiB whole)."""
+    data = (message + "\n").encode("utf-8", "replace")
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor
+        fd = None
+    if fd != 2:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        return
+    sys.stderr.flush()
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def script_main(args: argparse.Namespace, config_from_args: Callable[[argparse.Namespace], Any],

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Iterator, List, Optional, Tuple
 
 log = logging.getLogger("experiment")
@@ -23,15 +24,21 @@ class StopSignal:
     A rank stuck in a collective (its peer gone or stalled) never returns to Python, so the
     handler alone would wait forever: a watcher thread reads the signals from Python's wakeup fd
     (written by the C-level handler whatever the main thread is doing) and exits the process
-    without a checkpoint on a second stop signal, or ``grace`` seconds after the first."""
+    without a checkpoint on a second stop signal (more than ``BURST`` seconds after the first), or
+    ``grace`` seconds after the first."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
+    # Signals within this many seconds of the first are one request: a parent killed with -9
+    # delivers its death signal once per thread as they exit, and a scheduler and torchrun may
+    # both forward the same SIGTERM.
+    BURST = 0.5
 
     def __init__(self, grace: float = 120.0) -> None:
         self.signum: Optional[int] = None
         self.grace = grace
         self._previous: List[Tuple[int, Any]] = []
         self._received = 0
+        self._first: Optional[float] = None
         self._timer: Optional[threading.Timer] = None
 
     @property
@@ -85,6 +92,10 @@ class StopSignal:
             for signum in data:
                 if signum not in numbers:
                     continue
+                now = time.monotonic()
+                if self._first is not None and now - self._first < self.BURST:
+                    continue
+                self._first = self._first or now
                 self._received += 1
                 if self._received == 1:
                     self._timer = threading.Timer(self.grace, self._give_up, args=(signum, f"{self.grace:g} s after "

@@ -16,6 +16,7 @@ import datetime
 import logging
 import os
 import sys
+import time
 from typing import Any, List, Optional
 
 import torch
@@ -89,12 +90,53 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
         raise SetupError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun")
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
-        kwargs = dict(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                      timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        kwargs = dict(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            kwargs["store"] = round_store(rank, timeout)
+        else:
+            kwargs["init_method"] = "env://"
         if use_cuda:
             kwargs["device_id"] = dev
         dist.init_process_group(**kwargs)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
+
+
+ROUND_STORE_KEY = "inverseform/round_store"
+
+
+def round_store(rank: int, timeout: datetime.timedelta) -> dist.Store:
+    """A store of this launch round alone, for the process group.
+
+    torchrun shares its rendezvous TCPStore with the workers and keeps it across restarts, so
+    the keys a process group writes (gloo's addresses, NCCL's unique id) from an earlier round
+    are still there when the restarted workers look them up: a worker may connect to a dead
+    peer's address (pytorch/pytorch#135712).  Rank 0 starts a fresh TCPStore on a free port and
+    publishes its port with a random nonce in the shared store; the others read that entry,
+    connect, and accept the store only when it holds the same nonce (an entry of an earlier
+    round names a store that is gone, or another one), re-reading until rank 0 has written it."""
+    addr, port = os.environ["MASTER_ADDR"], _env_int("MASTER_PORT")
+    shared = dist.TCPStore(addr, port, is_master=False, timeout=timeout)
+    if rank == 0:
+        store = dist.TCPStore(addr, 0, is_master=True, timeout=timeout, wait_for_workers=False)
+        nonce = os.urandom(8).hex()
+        store.set("nonce", nonce)
+        shared.set(ROUND_STORE_KEY, f"{store.port}:{nonce}")
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        round_port, nonce = shared.get(ROUND_STORE_KEY).decode().split(":")
+        try:
+            store = dist.TCPStore(addr, int(round_port), is_master=False, timeout=datetime.timedelta(seconds=2))
+            if store.get("nonce").decode() == nonce:
+                store.set_timeout(timeout)
+                return store
+        except (RuntimeError, dist.DistError):  # an earlier round's store: gone, or not the one named
+            pass
+        if time.monotonic() > deadline:
+            raise SetupError(f"rank {rank}: rank 0's store for this launch never appeared in torchrun's store at "
+                             f"{addr}:{port} within {timeout.total_seconds():.0f} s")
+        time.sleep(0.1)
 
 
 def cleanup() -> None:
