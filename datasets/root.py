@@ -2,6 +2,8 @@
 import logging
 import os
 
+from utils.errors import MissingInputError
+
 __all__ = ["resolve_root", "DEFAULT_SYNTHETIC_ROOT"]
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ def resolve_root(dataset_dir=None, synthetic_root=None):
         if value:
             root = os.path.abspath(os.path.expanduser(os.fspath(value)))
             if not os.path.isdir(root):
-                raise FileNotFoundError(f"Cityscapes root {root!r} (from {source}) does not exist")
+                raise MissingInputError(f"Cityscapes root {root!r} (from {source}) does not exist")
             return root, False
     root = os.path.abspath(os.path.expanduser(os.fspath(
         synthetic_root or os.environ.get("INVERSEFORM_SYNTHETIC_DIR") or DEFAULT_SYNTHETIC_ROOT)))

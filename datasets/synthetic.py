@@ -42,6 +42,7 @@ import tempfile
 import cv2
 import numpy as np
 
+from utils.errors import ExistingOutputError, InputError, InvalidInputError, UnreadableInputError
 from utils.io import current_umask
 
 from .class_table import CLASS_TABLE_NAME, ClassTable
@@ -636,8 +637,8 @@ def render_scene(rng, height, width, labelled=True, max_attempts=30):
     in its label map.
     """
     if height < MIN_HEIGHT or width < MIN_WIDTH:
-        raise ValueError(f"synthetic scenes need height >= {MIN_HEIGHT} and width >= {MIN_WIDTH} "
-                         f"(got {height} x {width}) so that every class stays visible")
+        raise InvalidInputError(f"synthetic scenes need height >= {MIN_HEIGHT} and width >= {MIN_WIDTH} "
+                                f"(got {height} x {width}) so that every class stays visible")
     for _ in range(max_attempts):
         scene = _Scene(rng, height, width)
         _build_street(scene)
@@ -658,7 +659,7 @@ def render_scene(rng, height, width, labelled=True, max_attempts=30):
 # ----------------------------------------------------------------------------------------
 def _write_png(path, array):
     if not cv2.imwrite(path, array):
-        raise OSError(f"could not write {path}")
+        raise UnreadableInputError(f"could not write {path} (full disk or no permission?)")
 
 
 def _write_sample(root, split, index, seed, height, width, color, layout=LAYOUTS[0]):
@@ -710,7 +711,7 @@ def _params(train, val, test, height, width, seed, color, layout=LAYOUTS[0]):
 
 def _check_layout(layout):
     if layout not in LAYOUTS:
-        raise ValueError(f"synthetic: layout must be one of {LAYOUTS}, got {layout!r}")
+        raise InvalidInputError(f"synthetic: layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 def _generate_into(root, params, progress):
@@ -744,18 +745,18 @@ def generate(out_dir, train=DEFAULTS["train"], val=DEFAULTS["val"], test=DEFAULT
     _check_layout(layout)
     for key, value in (("train", train), ("val", val), ("test", test), ("seed", seed)):
         if int(value) < 0:
-            raise ValueError(f"synthetic: {key} must be >= 0, got {value}")
+            raise InvalidInputError(f"synthetic: {key} must be >= 0, got {value}")
     if height < MIN_HEIGHT or width < MIN_WIDTH:
-        raise ValueError(f"synthetic: height must be >= {MIN_HEIGHT} and width >= {MIN_WIDTH}, "
-                         f"got {height} x {width}")
+        raise InvalidInputError(f"synthetic: height must be >= {MIN_HEIGHT} and width >= {MIN_WIDTH}, "
+                                f"got {height} x {width}")
     params = _params(train, val, test, height, width, seed, color, layout)
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"synthetic: {out_dir} already exists (use overwrite=True / --overwrite "
-                              f"to replace it)")
+        raise ExistingOutputError(f"synthetic: {out_dir} already exists (use overwrite=True / --overwrite "
+                                  f"to replace it)")
     if os.path.exists(out_dir) and read_manifest(out_dir) is None:
-        raise FileExistsError(f"synthetic: {out_dir} exists and is not a dataset this generator made (no "
-                              f"{MANIFEST_NAME}): it is never replaced; choose another --out")
+        raise ExistingOutputError(f"synthetic: {out_dir} exists and is not a dataset this generator made (no "
+                                  f"{MANIFEST_NAME}): it is never replaced; choose another --out")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
@@ -763,7 +764,7 @@ def generate(out_dir, train=DEFAULTS["train"], val=DEFAULTS["val"], test=DEFAULT
     try:
         _generate_into(tmp, params, progress)
         if os.path.exists(out_dir) and not overwrite:
-            raise FileExistsError(f"synthetic: {out_dir} appeared while generating")
+            raise ExistingOutputError(f"synthetic: {out_dir} appeared while generating")
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
             os.replace(out_dir, os.path.join(old, "data"))
@@ -812,16 +813,16 @@ def ensure_synthetic(root, train=DEFAULTS["train"], val=DEFAULTS["val"], test=DE
             log.debug("concurrent generation finished first (%s)", err)
     found = read_manifest(root)
     if found is None:
-        raise FileExistsError(f"{root} exists but holds no {MANIFEST_NAME}: it was not made by "
-                              f"datasets.synthetic (or generation was interrupted). Remove it or "
-                              f"point the synthetic root elsewhere.")
+        raise ExistingOutputError(f"{root} exists but holds no {MANIFEST_NAME}: it was not made by "
+                                  f"datasets.synthetic (or generation was interrupted). Remove it or "
+                                  f"point the synthetic root elsewhere.")
     wanted = dict(wanted, layout=layout)
     found = dict(found, layout=found.get("layout", LAYOUTS[0]))
     diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
     if diff:
         text = ", ".join(f"{k}: found {a!r}, wanted {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(f"synthetic dataset at {root} was generated with different parameters "
-                         f"({text}). Delete it to regenerate, or ask for the parameters it has.")
+        raise InvalidInputError(f"synthetic dataset at {root} was generated with different parameters "
+                                f"({text}). Delete it to regenerate, or ask for the parameters it has.")
     return root
 
 
@@ -863,7 +864,7 @@ def main(argv=None):
         else:
             root = ensure_synthetic(args.out, **kwargs)
             print(f"{root} already holds this synthetic dataset; nothing to do")
-    except (ValueError, FileExistsError) as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

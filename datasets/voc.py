@@ -15,11 +15,13 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from .class_table import bit_interleaved_palette
+from utils.errors import InvalidInputError, MissingInputError
+
+from .class_table import ClassTable, bit_interleaved_palette
 from .segmentation_dataset import imread_or_raise, read_image
 from .transforms import ValTransform
 
-__all__ = ["VOC_CLASSES", "VOC_NUM_CLASSES", "VOCSegmentation", "voc_colormap"]
+__all__ = ["VOC_CLASSES", "VOC_NUM_CLASSES", "VOCSegmentation", "voc_class_table", "voc_colormap"]
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -31,6 +33,11 @@ LABEL_DIRS = {"scribble": "pascal_2012_scribble", "full": "SegmentationClassAug"
 def voc_colormap(n=256):
     """The VOC palette: RGB of class index i (bit-interleaved, as the devkit defines it)."""
     return bit_interleaved_palette(n)
+
+
+def voc_class_table():
+    """The 21 VOC classes, stored as their indices, in the VOC palette."""
+    return ClassTable(VOC_CLASSES, voc_colormap(VOC_NUM_CLASSES).tolist(), source="PASCAL VOC 2012")
 
 
 def read_voc_label(path):
@@ -46,13 +53,13 @@ def read_voc_label(path):
         values, inverse = np.unique(codes, return_inverse=True)
         unknown = [hex(v) for v in values if int(v) not in table]
         if unknown:
-            raise ValueError(f"label file {path}: colours {unknown[:5]} are not VOC classes")
+            raise InvalidInputError(f"label file {path}: colours {unknown[:5]} are not VOC classes")
         label = np.array([table[int(v)] for v in values], dtype=np.uint8)[inverse.reshape(codes.shape)]
     if label.dtype != np.uint8:
-        raise ValueError(f"label file {path} has pixel type {label.dtype}; expected 8-bit class indices")
+        raise InvalidInputError(f"label file {path} has pixel type {label.dtype}; expected 8-bit class indices")
     bad = np.setdiff1d(np.unique(label), np.r_[np.arange(VOC_NUM_CLASSES), 255])
     if bad.size:
-        raise ValueError(f"label file {path}: values {bad[:10].tolist()} are not VOC classes (0-20 or 255)")
+        raise InvalidInputError(f"label file {path}: values {bad[:10].tolist()} are not VOC classes (0-20 or 255)")
     return label
 
 
@@ -63,15 +70,16 @@ class VOCSegmentation(Dataset):
 
     def __init__(self, root, split, labels="scribble", transform=None, seed=0):
         if labels not in LABEL_DIRS:
-            raise ValueError(f"VOCSegmentation: labels must be one of {sorted(LABEL_DIRS)}, got {labels!r}")
+            raise InvalidInputError(f"VOCSegmentation: labels must be one of {sorted(LABEL_DIRS)}, got {labels!r}")
         self.root, self.split, self.labels = root, split, labels
+        self.class_table = voc_class_table()
         self.transform = transform or ValTransform()
         self.edge_radius = getattr(self.transform, "edge_radius", 2)
         self.seed, self.epoch = int(seed), 0
         lists = [os.path.join(root, "ImageSets", d, f"{split}.txt") for d in ("SegmentationAug", "Segmentation")]
         list_path = next((p for p in lists if os.path.isfile(p)), None)
         if list_path is None:
-            raise FileNotFoundError(f"VOC split {split!r}: neither {lists[0]} nor {lists[1]} exists "
+            raise MissingInputError(f"VOC split {split!r}: neither {lists[0]} nor {lists[1]} exists "
                                     f"(expected the layout of meng-tang/rloss under {root})")
         with open(list_path, encoding="utf-8") as f:
             ids = [line.split()[0] for line in f if line.strip()]
@@ -79,7 +87,7 @@ class VOCSegmentation(Dataset):
         self.items = [(i, os.path.join(root, "JPEGImages", i + ".jpg"), os.path.join(label_dir, i + ".png")) for i in ids]
         missing = [p for item in self.items for p in item[1:] if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"VOC split {split!r} ({list_path}): {len(missing)} file(s) missing, e.g. "
+            raise MissingInputError(f"VOC split {split!r} ({list_path}): {len(missing)} file(s) missing, e.g. "
                                     f"{'; '.join(missing[:3])}")
 
     def set_epoch(self, epoch):
@@ -96,8 +104,8 @@ class VOCSegmentation(Dataset):
         image = read_image(image_path)
         label = read_voc_label(label_path)
         if label.shape != image.shape[:2]:
-            raise ValueError(f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
-                             f"{label_path} is {label.shape[1]}x{label.shape[0]}")
+            raise InvalidInputError(f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
+                                    f"{label_path} is {label.shape[1]}x{label.shape[0]}")
         sample = self.transform(image, label, rng=np.random.default_rng([self.seed, self.epoch, index]))
         sample["name"] = name
         return sample

@@ -51,10 +51,31 @@ class SyntheticConfig:
     seed: int = 0
 
 
+DATASETS = ("cityscapes", "folder", "nyu")
+
+
+def check_tile_grid(grid) -> bool:
+    """Whether ``grid`` is [rows, cols] of positive ints (an InverseForm tile grid)."""
+    return isinstance(grid, (list, tuple)) and len(grid) == 2 and all(
+        isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+FOLDER_LAYOUTS = ("auto", "folders", "list")
+
+
 @dataclasses.dataclass
 class DataConfig:
-    # Root of a Cityscapes tree.  None: $CITYSCAPES_DATASET, else the synthetic dataset.
+    # What reads dataset_dir: cityscapes (the official layout), folder (your own images and label
+    # PNGs: images/<split>/ + labels/<split>/ or a <split>.txt list of pairs, with a class table;
+    # datasets/folder.py) or nyu (NYU-Depth-v2, 40 classes; datasets/nyu.py).
+    dataset: str = "cityscapes"
+    # Root of the dataset.  None: $CITYSCAPES_DATASET (cityscapes), else the synthetic dataset,
+    # written in the layout `dataset` reads.
     dataset_dir: Optional[str] = path_field(None)
+    # folder: the class table (names, colours, stored label id -> train id); None: <root>/classes.yaml
+    class_table: Optional[str] = path_field(None)
+    layout: str = "auto"              # folder: auto (a <split>.txt list when there is one), folders, list
+    image_folder: str = "images"      # folder: the folders below the root (relative to it)
+    label_folder: str = "labels"
+    label_suffix: str = ".png"        # folder: what follows the image's name in its label's file name
     synthetic_dir: str = path_field("data/synthetic_cityscapes")
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     train_split: str = "train"
@@ -72,6 +93,10 @@ class DataConfig:
     num_workers: int = 4
 
     def validate(self) -> None:
+        require(self.dataset in DATASETS, f"config key 'data.dataset' must be one of {', '.join(DATASETS)}, "
+                                          f"got {self.dataset!r}")
+        require(self.layout in FOLDER_LAYOUTS, f"config key 'data.layout' must be one of {', '.join(FOLDER_LAYOUTS)}, "
+                                               f"got {self.layout!r}")
         require(len(self.crop_size) == 2 and min(self.crop_size) > 0,
                f"config key 'data.crop_size' must be two positive ints, got {self.crop_size}")
         lo, hi = self.scale_range
@@ -124,8 +149,14 @@ class LossConfig:
     # output whatever the parameterisation; geodesic: the paper's SO(3) form.
     inverseform_distance: str = "euclidean"
     inverseform_tile_factor: int = 3
+    # (rows, cols) of tiles instead of tile_factor x 2 tile_factor, for crops that are not 1:2
+    inverseform_tile_grid: Optional[List[int]] = None
     regressor_config: Optional[str] = path_field(None, kind="config")
+
     def validate(self) -> None:
+        require(self.inverseform_tile_grid is None or check_tile_grid(self.inverseform_tile_grid),
+                f"config key 'loss.inverseform_tile_grid' must be null or two positive ints [rows, cols], got "
+                f"{self.inverseform_tile_grid!r}")
         require(self.edge_reduction in ("mean", "sum"),
                f"config key 'loss.edge_reduction' must be mean or sum, got {self.edge_reduction!r}")
         require(self.inverseform_distance in ("euclidean", "normalised", "geodesic"),
@@ -209,6 +240,10 @@ class ValConfig:
     amp: str = "auto"
     dump_predictions: bool = False
     boundary_tolerance: int = 2      # pixels, for the boundary F-score
+    # Boundary IoU (Cheng et al. 2021): the band is the mask minus its erosion by d pixels,
+    # d = round(boundary_iou_dilation * image diagonal), or boundary_iou_pixels when given
+    boundary_iou_dilation: float = 0.02
+    boundary_iou_pixels: Optional[int] = None
     num_images_logged: int = 4       # TensorBoard sample images
     max_images: Optional[int] = None  # evaluate only the first N images (quick checks)
     # Test-time inference modes (experiment/tta.py); whole image, no flip by default.
@@ -228,6 +263,10 @@ class ValConfig:
                f"{self.window_size}, got {self.window_stride}")
         self.amp = normalise_amp_mode(self.amp, "val.amp")
         self.compile = normalise_compile_mode(self.compile, "val.compile")
+        require(0 < self.boundary_iou_dilation <= 1 and (self.boundary_iou_pixels is None or
+                                                       self.boundary_iou_pixels >= 1),
+                "config keys 'val.boundary_iou_dilation' must be in (0, 1] and 'val.boundary_iou_pixels' >= 1, "
+                f"got {self.boundary_iou_dilation}, {self.boundary_iou_pixels}")
         require(self.boundary_tolerance >= 0,
                f"config key 'val.boundary_tolerance' must be >= 0, got {self.boundary_tolerance}")
         require(self.num_workers >= 0, f"config key 'val.num_workers' must be >= 0, got {self.num_workers}")

@@ -2,8 +2,8 @@
 the comparisons share.
 
 :func:`evaluate` runs a network over a loader (sharded by DistributedEvalSampler), computes the
-metrics for whole batches on the device (confusion matrix, mBA, boundary F, the edge head's F
-against the edge targets, the validation loss per image) and reads them back once at the end,
+metrics for whole batches on the device (confusion matrix, mBA, boundary F, Boundary IoU, the
+edge head's F against the edge targets, the validation loss per image) and reads them back once at the end,
 identical on every rank; prediction dumps and TensorBoard images are written by a background
 thread from asynchronous host copies.  :func:`metrics_table` and :func:`write_metrics` report it.
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets import TRAIN_CLASS_NAMES, colorize
+from datasets import ClassTable
 from experiment.acceleration import is_compiled, pad_batch, to_device_images
 from experiment.background import BackgroundWriter, HostCopy, to_host
 from experiment.errors import NonFiniteOutputError, UserError
@@ -27,8 +27,9 @@ from experiment.tta import WHOLE, InferenceMode, predict
 from utils import dist
 from utils.io import atomic_write_json
 from utils.metrics import (EDGE_LEVELS, boundary_accuracy_batch, boundary_f_counts_batch, boundary_f_from_counts,
-                           confusion_matrix, edge_f_counts_batch, edge_f_from_counts, format_table,
-                           majority_class_confusion, scores_from_confusion)
+                           boundary_iou_counts_batch, boundary_iou_from_counts, confusion_matrix,
+                           edge_f_counts_batch, edge_f_from_counts, format_table, majority_class_confusion,
+                           scores_from_confusion)
 
 LOSS_PARTS = ("seg", "edge_bce", "edge_att", "inverseform")
 
@@ -71,12 +72,23 @@ def per_image_loss_sums(criterion: torch.nn.Module, logits: torch.Tensor, edge_l
     return sums, present
 
 
+def class_names(table: Optional[ClassTable], num_classes: int) -> List[str]:
+    """The names of the ``num_classes`` classes from ``table`` (default Cityscapes); classes past
+    the table's are "class <id>"."""
+    names = list((table or ClassTable.cityscapes()).names[:num_classes])
+    return names + [f"class {i}" for i in range(len(names), num_classes)]
+
+
 class MetricSums:
     """Per-rank sums of every metric, on the device; :meth:`result` all-reduces them (one host
-    read) into the metrics dict."""
+    read) into the metrics dict.  ``boundary_iou``: (dilation ratio, pixels or None) of the band."""
 
-    def __init__(self, num_classes: int, device: torch.device, boundary_tolerance: int, with_loss: bool):
+    def __init__(self, num_classes: int, device: torch.device, boundary_tolerance: int, with_loss: bool,
+                 names: Optional[List[str]] = None, boundary_iou: Tuple[float, Optional[int]] = (0.02, None)):
         self.num_classes, self.tolerance = num_classes, boundary_tolerance
+        self.names = names or class_names(None, num_classes)
+        self.biou_ratio, self.biou_pixels = boundary_iou
+        self.biou = torch.zeros(num_classes, 2, dtype=torch.int64, device=device)  # [intersection, union]
         self.conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
         self.loss_sums = torch.zeros(1 + len(LOSS_PARTS), dtype=torch.float64, device=device)
         self.counts = torch.zeros(3, dtype=torch.float64, device=device)  # [images, mBA sum, mBA count]
@@ -107,6 +119,7 @@ class MetricSums:
         self.counts[1] += mba.nan_to_num(0.0).sum()
         self.counts[2] += (~mba.isnan()).sum()
         self.boundary += boundary_f_counts_batch(pred, labels, self.num_classes, self.tolerance)
+        self.biou += boundary_iou_counts_batch(pred, labels, self.num_classes, self.biou_ratio, self.biou_pixels)
         if edge_prob is not None and edges is not None:  # the edge head against the edge targets
             self.edge_counts += edge_f_counts_batch(edge_prob[:, 0], edges[:, 0], tolerance=self.tolerance)
 
@@ -120,6 +133,7 @@ class MetricSums:
         dist.all_reduce(self.present, op="max")
         counts = dist.all_reduce(self.counts).cpu()
         boundary = dist.all_reduce(self.boundary).cpu().numpy()
+        biou = dist.all_reduce(self.biou).cpu().numpy()
         edge = dist.all_reduce(self.edge_counts).cpu().numpy()
         conf = self.conf.cpu().numpy()
         metrics: Dict[str, Any] = {"num_images": int(counts[0])}
@@ -128,19 +142,22 @@ class MetricSums:
         metrics["mba"] = float(counts[1] / counts[2]) if counts[2] > 0 else float("nan")
         metrics.update(boundary_f_from_counts(boundary))
         metrics["boundary_tolerance"] = self.tolerance
+        metrics.update(boundary_iou_from_counts(biou))
+        metrics["boundary_iou_band"] = (f"{self.biou_pixels} px" if self.biou_pixels is not None
+                                        else f"{self.biou_ratio:g} x diagonal")
         if edge[:, 3].any():  # an edge head, evaluated against the edge targets
             metrics.update(edge_f_from_counts(edge))
         if self.with_loss and counts[0] > 0:
             sums = (self.loss_sums.cpu() / counts[0]).tolist()
             metrics["val_loss"] = sums[0]
             metrics["val_loss_parts"] = {k: v for k, v, p in zip(LOSS_PARTS, sums[1:], self.present.tolist()) if p > 0}
-        metrics["class_names"] = list(TRAIN_CLASS_NAMES[:self.num_classes])
+        metrics["class_names"] = list(self.names)
         return metrics
 
 
 def write_batch_outputs(names: List[str], pred_host: HostCopy, edge_host: Optional[HostCopy], batch: Dict[str, Any],
                         dumper: Optional[PredictionDumper], writer: Optional[Rank0Writer], step: int,
-                        first_logged: int, n_log: int) -> None:
+                        first_logged: int, n_log: int, table: ClassTable) -> None:
     """The background part of :func:`evaluate` for one batch: prediction PNGs for every image
     (with a dumper), TensorBoard images for the first ``n_log``."""
     pred = pred_host.get().numpy()
@@ -152,7 +169,7 @@ def write_batch_outputs(names: List[str], pred_host: HostCopy, edge_host: Option
         k = first_logged + i
         label = batch["label"][i].numpy().astype(np.uint8)
         writer.add_image(f"val/{k}_input", denormalize(batch["image"][i]), step, dataformats="HWC")
-        writer.add_image(f"val/{k}_prediction", colorize(pred[i]), step, dataformats="HWC")
+        writer.add_image(f"val/{k}_prediction", table.colorize(pred[i]), step, dataformats="HWC")
         writer.add_image(f"val/{k}_errors", error_map(pred[i], label), step, dataformats="HWC")
         if edge is not None:
             writer.add_image(f"val/{k}_edge", edge[i], step, dataformats="HW")
@@ -163,8 +180,9 @@ class _Outputs:
     the first ``num_images_logged`` images; only what is written leaves the device."""
 
     def __init__(self, dumper: Optional[PredictionDumper], writer: Optional[Rank0Writer], step: int,
-                 num_images_logged: int):
+                 num_images_logged: int, table: ClassTable):
         self.dumper, self.writer, self.step, self.limit = dumper, writer, step, num_images_logged
+        self.table = table
         self.logged = 0
         self.jobs = BackgroundWriter() if dumper is not None or writer is not None else None
 
@@ -176,7 +194,7 @@ class _Outputs:
         pred_host = to_host(pred[:keep].to(torch.uint8))
         edge_host = to_host(edge_u8(edge_prob[:keep, 0])) if edge_prob is not None else None
         self.jobs.submit(write_batch_outputs, list(batch["name"]), pred_host, edge_host, batch, self.dumper,
-                         self.writer if n_log > 0 else None, self.step, self.logged, n_log)
+                         self.writer if n_log > 0 else None, self.step, self.logged, n_log, self.table)
         self.logged += max(0, n_log)
 
     def close(self) -> None:
@@ -190,15 +208,21 @@ def evaluate(net: torch.nn.Module, loader, device: torch.device, *, num_classes:
              boundary_tolerance: int = 2, dumper: Optional[PredictionDumper] = None,
              writer: Optional[Rank0Writer] = None, step: int = 0, num_images_logged: int = 4,
              progress: bool = True, desc: str = "validation",
-             inference: InferenceMode = WHOLE, pad_to_batch: Optional[bool] = None) -> Dict[str, Any]:
+             inference: InferenceMode = WHOLE, pad_to_batch: Optional[bool] = None,
+             class_table: Optional[ClassTable] = None,
+             boundary_iou: Tuple[float, Optional[int]] = (0.02, None)) -> Dict[str, Any]:
     """Evaluate ``net`` on ``loader`` and return the metrics, identical on every rank.
+    ``class_table`` (default Cityscapes): class names and colours; ``boundary_iou``: the band of
+    Boundary IoU, (ratio of the image diagonal, pixels or None).
     ``inference``: whole image (default), sliding window, flip, scales (experiment/tta.py).
     ``pad_to_batch`` (default: when ``net`` is compiled) pads a short last batch so that a
     compiled model sees one shape."""
     was_training = net.training
     net.eval()
-    sums = MetricSums(num_classes, device, boundary_tolerance, with_loss=criterion is not None)
-    outputs = _Outputs(dumper, writer, step, num_images_logged)
+    table = class_table or ClassTable.cityscapes()
+    sums = MetricSums(num_classes, device, boundary_tolerance, with_loss=criterion is not None,
+                      names=class_names(table, num_classes), boundary_iou=boundary_iou)
+    outputs = _Outputs(dumper, writer, step, num_images_logged, table)
     if pad_to_batch is None:
         pad_to_batch = is_compiled(net)
     bar = tqdm(total=len(loader.sampler), desc=desc, unit="img", disable=not (progress and dist.is_main_process()),
@@ -244,12 +268,17 @@ def metrics_table(metrics: Dict[str, Any]) -> str:
     summary = {"mIoU": metrics["miou"], "pixel accuracy": metrics["pixel_acc"],
                "mean class accuracy": metrics["mean_class_acc"], "fwIoU": metrics["fwiou"],
                "mBA": metrics["mba"], f"boundary F (tol {metrics['boundary_tolerance']}px)": metrics["boundary_f"]}
+    if "boundary_iou" in metrics:
+        band = metrics.get("boundary_iou_band", "0.02 x diagonal").replace(" x diagonal", " diag")
+        summary[f"Boundary IoU ({band})"] = metrics["boundary_iou"]
     if "majority_class_miou" in metrics:
         summary["majority-class mIoU"] = metrics["majority_class_miou"]
     if "edge_f" in metrics:
         summary[f"edge F (ODS, t={metrics['edge_f_threshold']:.2f})"] = metrics["edge_f"]
-    text = format_table(metrics["class_names"], metrics["per_class_iou"], summary,
-                        {"boundary F": metrics["per_class_boundary_f"]})
+    per_class = {"boundary F": metrics["per_class_boundary_f"]}
+    if "per_class_boundary_iou" in metrics:
+        per_class["Boundary IoU"] = metrics["per_class_boundary_iou"]
+    text = format_table(metrics["class_names"], metrics["per_class_iou"], summary, per_class)
     if "val_loss" in metrics:
         parts = ", ".join(f"{k} {v:.4f}" for k, v in metrics["val_loss_parts"].items())
         text += f"\nvalidation loss     {metrics['val_loss']:.4f}  ({parts})"
@@ -259,13 +288,15 @@ def metrics_table(metrics: Dict[str, Any]) -> str:
 def write_metrics(metrics: Dict[str, Any], writer: Rank0Writer, output_dir: str, step: int, prefix: str = "val",
                   filename: str = "metrics.json") -> str:
     """``output_dir/filename`` (atomically; NaN as null) and TensorBoard: every finite float
-    metric under ``prefix/``, per-class IoU under ``prefix_class_iou/``."""
+    metric under ``prefix/``, per-class IoU under ``prefix_class_iou/`` and Boundary IoU under
+    ``prefix_class_boundary_iou/``."""
     for key, value in metrics.items():
         if isinstance(value, float) and math.isfinite(value):
             writer.add_scalar(f"{prefix}/{key}", value, step)
-    for name, iou in zip(metrics.get("class_names", ()), metrics.get("per_class_iou", ())):
-        if iou is not None:
-            writer.add_scalar(f"{prefix}_class_iou/{name}", iou, step)
+    for key, group in (("per_class_iou", "class_iou"), ("per_class_boundary_iou", "class_boundary_iou")):
+        for name, value in zip(metrics.get("class_names", ()), metrics.get(key, ())):
+            if value is not None:
+                writer.add_scalar(f"{prefix}_{group}/{name}", value, step)
     path = os.path.join(output_dir, filename)
     atomic_write_json(path, json_safe(metrics))
     return path

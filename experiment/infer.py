@@ -9,9 +9,12 @@ listing image paths (one per line, relative to the list's folder; ``#`` at the s
 starts a comment, ``\\#`` is a literal ``#``).
 Images keep their own size; grayscale, RGBA and 16-bit images are converted to 8-bit RGB with
 a notice.  For each image, under ``OUTPUT_DIR`` at the image's relative path:
-``<stem>_labelIds.png`` (Cityscapes label ids, what the official tools read),
-``<stem>_color.png`` (Cityscapes colours), ``<stem>_overlay.png`` (the colours blended over the
-image) and, with an edge head, ``<stem>_edge.png`` (edge probability x 255).
+``<stem>_labelIds.png`` (the stored label ids of the model's class table: for Cityscapes what the
+official tools read), ``<stem>_color.png`` (the table's colours), ``<stem>_overlay.png`` (the
+colours blended over the image) and, with an edge head, ``<stem>_edge.png`` (edge probability x 255).
+The class table: ``--class_table`` (a YAML, docs/datasets.md), else NYUv2-40 with
+``--dataset nyu``, else the one the checkpoint or model folder records, else Cityscapes' for
+19 classes, else numbered classes in the VOC palette.
 
 An unreadable image (or one the network cannot take, e.g. a 1-pixel strip) gets one error line
 naming it; the others are still processed, then the number of failures is reported and the exit
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets import colorize, trainid_to_labelid
+from datasets import NUM_CLASSES, ClassTable, nyu40_class_table
 from datasets.transforms import normalize_image
 from experiment.cli import (AMP_CHOICES, INFERENCE_FLAGS, add_inference_arguments, explicit_keys, flag_overrides,
                             script_main, str2bool)
@@ -257,12 +260,30 @@ def overlay_image(rgb: np.ndarray, color: np.ndarray, alpha: float) -> np.ndarra
     return cv2.addWeighted(color, alpha, rgb, 1.0 - alpha, 0.0)
 
 
+def output_class_table(cfg: Any, state: Any) -> ClassTable:
+    """The classes whose colours and label ids the outputs use (module docstring)."""
+    if cfg.data.class_table:
+        table = ClassTable.from_yaml(cfg.data.class_table)
+    elif cfg.data.dataset == "nyu":
+        table = nyu40_class_table()
+    elif isinstance(state, dict) and isinstance(state.get("class_table"), dict):
+        table = ClassTable.from_dict(state["class_table"], source="the model file's class table")
+    elif cfg.model.num_classes == NUM_CLASSES:
+        table = ClassTable.cityscapes()
+    else:
+        table = ClassTable([f"class {i}" for i in range(cfg.model.num_classes)], source="numbered classes")
+    if table.num_classes != cfg.model.num_classes:
+        raise UserError(f"the class table {table.source} has {table.num_classes} classes but the model predicts "
+                        f"{cfg.model.num_classes}; pass the model's own table with --class_table")
+    return table
+
+
 def write_outputs(out_dir: str, rel: str, rgb: np.ndarray, pred: np.ndarray, edge_prob: Optional[np.ndarray],
-                  alpha: float) -> None:
+                  alpha: float, table: ClassTable) -> None:
     paths = output_paths(out_dir, rel, edge_prob is not None)
     os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
-    color = colorize(pred)
-    write_png(paths[0], trainid_to_labelid(pred).astype(np.uint8))
+    color = table.colorize(pred)
+    write_png(paths[0], table.to_label_ids(pred))
     write_png(paths[1], color)
     write_png(paths[2], overlay_image(rgb, color, alpha))
     if edge_prob is not None:
@@ -281,8 +302,8 @@ class _Segmenter:
     threads beside the next forward (at most a few batches wait in memory)."""
 
     def __init__(self, net: torch.nn.Module, cfg: Any, device: torch.device, amp_dtype, inference,
-                 overlay_alpha: float, bar):
-        self.net, self.cfg, self.device, self.amp_dtype = net, cfg, device, amp_dtype
+                 overlay_alpha: float, bar, table: ClassTable):
+        self.net, self.cfg, self.device, self.amp_dtype, self.table = net, cfg, device, amp_dtype, table
         self.inference, self.alpha, self.bar = inference, overlay_alpha, bar
         self.failed: List[Tuple[str, str]] = []
         self.written = 0
@@ -313,7 +334,8 @@ class _Segmenter:
         edges = edge[:, 0].float().cpu().numpy() if edge is not None else None
         for i, item in enumerate(batch):
             self.pending.append(self.pool.submit(write_outputs, self.cfg.output_dir, item["rel"], item["rgb"],
-                                                 preds[i], None if edges is None else edges[i], self.alpha))
+                                                 preds[i], None if edges is None else edges[i], self.alpha,
+                                                 self.table))
         while len(self.pending) > 4 * max(2, self.cfg.val.batch_size):
             self.pending.popleft().result()
         self.written += len(batch)
@@ -345,7 +367,9 @@ def run_inference(cfg: Any, model_path: str, source: str, ctx: dist.DistContext,
 def _segment_all(cfg: Any, model_path: str, source: str, images, ctx: dist.DistContext, overlay_alpha: float,
                  progress: bool, state: Any) -> Dict[str, Any]:
     inference = inference_mode_from_config(cfg.val, cfg.model)
-    net = load_model(cfg, read_model_file(model_path, "model file") if state is None else state, model_path)
+    state = read_model_file(model_path, "model file") if state is None else state
+    table = output_class_table(cfg, state)
+    net = load_model(cfg, state, model_path)
     device = ctx.device
     place_model(net, device).eval()  # channels_last on CUDA
     amp_dtype = resolve_amp(cfg.val.amp, device)
@@ -360,7 +384,7 @@ def _segment_all(cfg: Any, model_path: str, source: str, images, ctx: dist.DistC
     bar = tqdm(total=len(mine), desc="inference", unit="img", dynamic_ncols=True,
                disable=not (progress and ctx.is_main))
     start = time.time()
-    segmenter = _Segmenter(net, cfg, device, amp_dtype, inference, overlay_alpha, bar)
+    segmenter = _Segmenter(net, cfg, device, amp_dtype, inference, overlay_alpha, bar, table)
     try:
         for (item,) in loader:
             if item["error"] is not None:
@@ -392,7 +416,8 @@ def _summary(cfg: Any, images, segmenter: _Segmenter, elapsed: float, mode: str,
 
 
 # ----------------------------------------------------------------------------- command line
-FLAGS = {"output_dir": "output_dir", "device": "train.device", "arch": "model.arch", "hrnet_base": "model.hrnet_base",
+FLAGS = {"output_dir": "output_dir", "device": "train.device", "class_table": "data.class_table",
+         "dataset": "data.dataset", "arch": "model.arch", "hrnet_base": "model.hrnet_base",
          "has_edge": "model.has_edge", "batch_size": "val.batch_size", "num_workers": "val.num_workers",
          "amp": "val.amp", **INFERENCE_FLAGS}
 
@@ -413,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=AMP_CHOICES,
                    help="autocast: auto (bf16 on CUDA, off on CPU), on (=bf16), off, bf16, fp16")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
+    p.add_argument("--class_table", "--class-table", dest="class_table",
+                   help="the classes' names, colours and label ids (YAML; default: the model file's, else "
+                        "Cityscapes for 19 classes)")
+    p.add_argument("--dataset", choices=("cityscapes", "nyu"), help="nyu: the NYUv2-40 class table")
     add_inference_arguments(p)
     p.add_argument("--overlay_alpha", type=float, default=0.5, help="weight of the colours in the overlay")
     p.add_argument("--overwrite", action="store_true",

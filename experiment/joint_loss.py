@@ -23,16 +23,17 @@ def load_inverseform(cfg: LossConfig, device: torch.device, required: bool = Fal
     file is absent, unless ``required``."""
     path = cfg.inverseform_path
     if not path or not os.path.isfile(path):
+        missing = missing_file_message("InverseForm regressor", path) if path else \
+            "config key 'loss.inverseform_path' is not set"
         if required:
-            raise UserError(missing_file_message("InverseForm regressor", path))
+            raise UserError(missing)
         if dist.is_main_process():  # one notice per run
             log.warning("%s: the InverseForm term is left out (put the released distance_measures_regressor.pth "
-                        "there, or train one with experiment/train_inverseform.py)",
-                        missing_file_message("InverseForm regressor", path))
+                        "there, or train one with experiment/train_inverseform.py)", missing)
         return None
     try:
         module = InverseFormLoss(path, tile_factor=cfg.inverseform_tile_factor, distance=cfg.inverseform_distance,
-                                 check_inputs=False)
+                                 check_inputs=False, tile_grid=cfg.inverseform_tile_grid)
     except ValueError as exc:  # the regressor file's own checks: unreadable, another layout, stale metadata
         raise UserError(f"config key 'loss.inverseform_path': {str(exc).strip().splitlines()[0]}") from exc
     log.info("InverseForm term: %s (%s tiles of %d px, %s distance)", path,

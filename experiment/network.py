@@ -52,7 +52,7 @@ def read_model_file(path: str, what: str = "model file") -> Any:
                             f"{pretrained.CONFIG_FILE} and {pretrained.WEIGHTS_FILE})")
         config = pretrained.read_config(path)
         return {"state_dict": pretrained.read_weights(path), **{key: config[key] for key in MODEL_KEYS},
-                "options": config.get("options", {})}
+                "options": config.get("options", {}), "class_table": config.get("class_table")}
     return read_checkpoint_file(path)
 
 

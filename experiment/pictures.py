@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import torch
 
-from datasets import IMAGENET_MEAN, IMAGENET_STD, colorize, trainid_to_labelid
+from datasets import IMAGENET_MEAN, IMAGENET_STD, ClassTable
 from utils.errors import UnreadableInputError
 from utils.io import atomic_write_bytes
 
@@ -74,10 +74,12 @@ def write_png(path: str, array: np.ndarray) -> None:
 
 
 class PredictionDumper:
-    """``OUTPUT_DIR/predictions/{color,labelIds,edges}/<name>_*.png``; the labelIds folder is
-    what the official evaluator's CITYSCAPES_RESULTS should point at."""
+    """``OUTPUT_DIR/predictions/{color,labelIds,edges}/<name>_*.png``: colours and stored label
+    ids of ``class_table`` (default Cityscapes, whose labelIds folder is what the official
+    evaluator's CITYSCAPES_RESULTS should point at)."""
 
-    def __init__(self, root: str, with_edges: bool):
+    def __init__(self, root: str, with_edges: bool, class_table: Optional[ClassTable] = None):
+        self.table = class_table or ClassTable.cityscapes()
         self.dirs = {"color": os.path.join(root, "color"), "labelIds": os.path.join(root, "labelIds")}
         if with_edges:
             self.dirs["edges"] = os.path.join(root, "edges")
@@ -85,8 +87,7 @@ class PredictionDumper:
             os.makedirs(path, exist_ok=True)
 
     def __call__(self, name: str, pred: np.ndarray, edge_prob: Optional[np.ndarray]) -> None:
-        write_png(os.path.join(self.dirs["color"], f"{name}_color.png"), colorize(pred))
-        write_png(os.path.join(self.dirs["labelIds"], f"{name}_labelIds.png"),
-                  trainid_to_labelid(pred).astype(np.uint8))
+        write_png(os.path.join(self.dirs["color"], f"{name}_color.png"), self.table.colorize(pred))
+        write_png(os.path.join(self.dirs["labelIds"], f"{name}_labelIds.png"), self.table.to_label_ids(pred))
         if edge_prob is not None and "edges" in self.dirs:
             write_png(os.path.join(self.dirs["edges"], f"{name}_edge.png"), edge_image(edge_prob))

@@ -27,16 +27,16 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 if __package__ in (None, ""):  # run as a script (torchrun experiment/validation.py)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets import NUM_CLASSES
+from datasets import ClassTable
 from experiment.acceleration import compile_model, place_model, resolve_eval_amp
 from experiment.cli import (AMP_CHOICES, INFERENCE_FLAGS, SHARED_FLAGS, add_inference_arguments, explicit_keys,
                             flag_overrides, script_main, script_parser, str2bool)
-from experiment.data import dataset_root, eval_loader, val_dataset
+from experiment.data import class_table, dataset_root, eval_loader, val_dataset
 from experiment.errors import UserError
 from experiment.evaluation import evaluate, metrics_table, write_metrics
 from experiment.joint_loss import joint_loss, load_inverseform
@@ -117,9 +117,6 @@ def validate(cfg: Any, model_path: str, ctx: dist.DistContext, split: str = "val
              overwrite: bool = False, state: Any = None) -> Dict[str, Any]:
     """Evaluate ``model_path`` (``state``: its contents, if already read) on ``split``."""
     net = load_model(cfg, read_model_file(model_path, "model file") if state is None else state, model_path)
-    if cfg.model.num_classes != NUM_CLASSES and split != "test":
-        raise UserError(f"config key 'model.num_classes' is {cfg.model.num_classes} but the dataset has "
-                        f"{NUM_CLASSES} classes (train ids 0-{NUM_CLASSES - 1})")
     if model_summary:
         from models import count_flops, count_parameters
 
@@ -127,6 +124,11 @@ def validate(cfg: Any, model_path: str, ctx: dist.DistContext, split: str = "val
             flops = count_flops(net, (1, 3, 1024, 2048))
             print(f"{cfg.model.arch}: {count_parameters(net):,} parameters, {flops / 1e9:.1f} GFLOPs at 1024x2048")
         return {}
+    root, synthetic = dataset_root(cfg.data)
+    table = class_table(cfg.data, root)
+    if cfg.model.num_classes != table.num_classes and split != "test":
+        raise UserError(f"config key 'model.num_classes' is {cfg.model.num_classes} but the {cfg.data.dataset} "
+                        f"dataset {root} has {table.num_classes} classes (train ids 0-{table.num_classes - 1})")
     device = ctx.device
     place_model(net, device).eval()  # channels_last on CUDA
     amp_dtype = resolve_eval_amp(cfg.val.amp, device, cfg.model.arch)
@@ -136,30 +138,31 @@ def validate(cfg: Any, model_path: str, ctx: dist.DistContext, split: str = "val
         criterion = joint_loss(cfg.loss, cfg.model.num_classes, inverseform).to(device)
     with holding(cfg.output_dir):
         on_main_first(lambda: claim_output_dir(cfg.output_dir, VALIDATION, overwrite=overwrite, resuming_here=False))
-        metrics = _evaluate_checkpoint(cfg, net, model_path, ctx, split, criterion, amp_dtype)
+        metrics = _evaluate_checkpoint(cfg, net, model_path, ctx, split, criterion, amp_dtype, (root, synthetic, table))
     return metrics
 
 
 def _evaluate_checkpoint(cfg: Any, net, model_path: str, ctx: dist.DistContext, split: str, criterion,
-                         amp_dtype) -> Dict[str, Any]:
-    """Evaluate, then write and print the metrics (rank 0)."""
+                         amp_dtype, data: Tuple[str, bool, ClassTable]) -> Dict[str, Any]:
+    """Evaluate on ``data`` (root, is_synthetic, class table), then write and print the metrics (rank 0)."""
     device = ctx.device
-    root, synthetic = dataset_root(cfg.data)
+    root, synthetic, table = data
     dataset = val_dataset(cfg.data, root, split, cfg.val.max_images)
     loader = eval_loader(dataset, cfg.val.batch_size, cfg.val.num_workers)
     if ctx.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    dumper = PredictionDumper(os.path.join(cfg.output_dir, "predictions"), cfg.model.has_edge) \
+    dumper = PredictionDumper(os.path.join(cfg.output_dir, "predictions"), cfg.model.has_edge, table) \
         if cfg.val.dump_predictions else None
     writer = Rank0Writer(os.path.join(cfg.output_dir, "tensorboard"), ctx.is_main)
     inference = inference_mode_from_config(cfg.val, cfg.model)
     log.info("validating %d images of %s/%s (%s) on %d process(es), device %s, amp %s, inference: %s", len(dataset),
-             root, split, "synthetic" if synthetic else "Cityscapes", ctx.world_size, device, amp_dtype or "off",
+             root, split, "synthetic" if synthetic else cfg.data.dataset, ctx.world_size, device, amp_dtype or "off",
              inference.describe())
     start = time.time()
     metrics = evaluate(compile_model(net, cfg.val.compile), loader, device, num_classes=cfg.model.num_classes,
                        criterion=criterion, amp_dtype=amp_dtype, boundary_tolerance=cfg.val.boundary_tolerance,
-                       dumper=dumper, writer=writer, num_images_logged=cfg.val.num_images_logged, inference=inference)
+                       dumper=dumper, writer=writer, num_images_logged=cfg.val.num_images_logged, inference=inference,
+                       class_table=table, boundary_iou=(cfg.val.boundary_iou_dilation, cfg.val.boundary_iou_pixels))
     elapsed = time.time() - start
     metrics.update(inference=inference.describe(), model_path=os.path.abspath(model_path), arch=cfg.model.arch,
                    hrnet_base=net.hrnet_base, has_edge=cfg.model.has_edge, split=split, dataset=root,

@@ -306,13 +306,16 @@ class InverseFormLoss(nn.Module):
     parameter gradients) and kept in eval mode even when this module is put in train mode;
     gradients still flow to the edge logits. Edge targets are 1 (boundary) or 0; pixels with any
     other value (``ignore_index``, 255) are ignored: zero in both maps, as the balanced BCE gives
-    them weight 0. ``check_inputs`` refuses other values, and an empty batch is always refused. ``resized_size`` (int S for S x 2S, or (H, W),
-    multiples of T) overrides ``tile_factor``.
+    them weight 0. ``check_inputs`` refuses other values, and an empty batch is always refused.
+    ``tile_grid`` (rows, cols) resizes to (rows*T) x (cols*T) instead, for crops whose aspect is
+    not 1:2 (NYU's 3:4: (3, 4)); ``resized_size`` (int S for S x 2S, or (H, W), multiples of T)
+    overrides both.
     """
 
     def __init__(self, regressor: Union[InverseNet, PathLike], tile_factor: int = 3,
                  resized_size: Optional[Union[int, Tuple[int, int]]] = None, distance: str = "euclidean",
-                 geodesic_lambda: float = 0.1, check_inputs: bool = True, ignore_index: int = 255):
+                 geodesic_lambda: float = 0.1, check_inputs: bool = True, ignore_index: int = 255,
+                 tile_grid: Optional[Tuple[int, int]] = None):
         super().__init__()
         if isinstance(regressor, (str, os.PathLike)):
             regressor = InverseNet.from_checkpoint(regressor)
@@ -321,7 +324,12 @@ class InverseFormLoss(nn.Module):
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; expected one of {DISTANCES}")
         tile = regressor.tile_size
-        if resized_size is None:
+        if resized_size is None and tile_grid is not None:
+            grid = tuple(tile_grid)
+            if len(grid) != 2 or not all(isinstance(g, int) and g >= 1 for g in grid):
+                raise ValueError(f"tile_grid must be two positive ints (rows, cols), got {tile_grid!r}")
+            size = (grid[0] * tile, grid[1] * tile)
+        elif resized_size is None:
             if not isinstance(tile_factor, int) or tile_factor < 1:
                 raise ValueError(f"tile_factor must be a positive int, got {tile_factor!r}")
             size = (tile_factor * tile, 2 * tile_factor * tile)

@@ -113,8 +113,9 @@ def test_variant_configs_switch_only_the_loss_terms(tmp_path):
 
 
 def test_summary_and_table():
-    per_seed = {0: {"miou": 0.5, "mba": 0.4, "boundary_f": 0.3, "edge_f": 0.2, "train_seconds_per_iteration": 1.0},
-                1: {"miou": 0.7, "mba": 0.6, "boundary_f": 0.5, "edge_f": float("nan"),
+    per_seed = {0: {"miou": 0.5, "mba": 0.4, "boundary_f": 0.3, "boundary_iou": 0.25, "edge_f": 0.2,
+                    "train_seconds_per_iteration": 1.0},
+                1: {"miou": 0.7, "mba": 0.6, "boundary_f": 0.5, "boundary_iou": 0.35, "edge_f": float("nan"),
                     "train_seconds_per_iteration": 3.0}}
     s = summarise(per_seed)
     assert math.isclose(s["mean"]["miou"], 0.6) and math.isclose(s["std"]["miou"], math.sqrt(0.02))
@@ -123,6 +124,7 @@ def test_summary_and_table():
                "inverseform": {"title": "+ InverseForm", "per_seed": per_seed, **s}}
     table = ablation_table(results, [0, 1])
     assert "60.00 +- 14.14" in table and "inverseform - joint, mIoU   : +0.00" in table
+    assert "bnd IoU" in table.splitlines()[1] and "30.00 +- 7.07" in table
 
 
 def test_ablation_refuses_a_model_without_edge_head(tiny_cityscapes, regressor, tmp_path, ctx):
@@ -144,11 +146,12 @@ def test_tiny_ablation_writes_table_json_and_figure(tiny_cityscapes, regressor, 
         for seed in (0, 1):
             run = json.loads((tmp_path / name / f"seed{seed}" / "metrics.json").read_text())
             assert per_seed[str(seed)]["miou"] == run["miou"] and 0 <= run["edge_f"] <= 1
+            assert per_seed[str(seed)]["boundary_iou"] == run["boundary_iou"]
             assert run["train_seconds_per_iteration"] > 0
         assert saved["variants"][name]["mean"]["miou"] == pytest.approx(np.mean([per_seed[s]["miou"] for s in "01"]))
     # the two seeds are different runs, the two variants different objectives
     def scores(name, seed):  # the metrics alone: the timing fields differ between any two runs
-        return {k: saved["variants"][name]["per_seed"][seed][k] for k in ("miou", "mba", "boundary_f", "edge_f")}
+        return {k: saved["variants"][name]["per_seed"][seed][k] for k in ("miou", "mba", "boundary_f", "boundary_iou", "edge_f")}
 
     assert scores("ce", "0") != scores("ce", "1")
     assert scores("ce", "0") != scores("inverseform", "0")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -81,7 +82,7 @@ def test_two_processes_give_identical_metrics(single_run, tiny_cityscapes, edge_
     m1, m2 = load_metrics(out1), load_metrics(tmp_path)
     assert m2["world_size"] == 2 and m2["num_images"] == m1["num_images"] == 4
     for key in ("miou", "per_class_iou", "pixel_acc", "mean_class_acc", "fwiou", "mba", "boundary_f",
-                "per_class_boundary_f", "majority_class_miou"):
+                "per_class_boundary_f", "majority_class_miou", "boundary_iou", "per_class_boundary_iou"):
         assert m1[key] == m2[key], key
     assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-9)
 
@@ -105,13 +106,30 @@ def test_miou_equals_official_evaluator(single_run, tiny_cityscapes):
         assert trainids.shape == cv2.imread(gt, cv2.IMREAD_UNCHANGED).shape and trainids.max() < 19
 
 
+def test_boundary_iou_equals_the_opencv_oracle_on_the_dumped_predictions(single_run, tiny_cityscapes):
+    from test_utils_boundary_iou import oracle_counts, reference_dilation
+
+    out, _ = single_run
+    preds, gts = [], []
+    for gt in sorted(glob.glob(os.path.join(tiny_cityscapes, "gtFine", "val", "*", "*_gtFine_labelIds.png"))):
+        name = os.path.basename(gt).replace("_gtFine_labelIds.png", "_labelIds.png")
+        preds.append(labelid_to_trainid(cv2.imread(str(Path(out) / "predictions" / "labelIds" / name),
+                                                   cv2.IMREAD_UNCHANGED)))
+        gts.append(labelid_to_trainid(cv2.imread(gt, cv2.IMREAD_UNCHANGED)))
+    counts = oracle_counts(np.stack(preds), np.stack(gts), 19, reference_dilation(*gts[0].shape, 0.02))
+    expected = [i / u if u else None for i, u in counts]
+    m = load_metrics(out)
+    assert m["per_class_boundary_iou"] == pytest.approx(expected, abs=1e-12)
+    assert m["boundary_iou"] == pytest.approx(np.mean([v for v in expected if v is not None]), abs=1e-12)
+
+
 def test_has_edge_off_gives_same_predictions(single_run, tiny_cityscapes, edge_checkpoint, tmp_path):
     out1, _ = single_run
     proc = run_cli(cli_args(tiny_cityscapes, tmp_path, edge_checkpoint, "--has_edge", "False", "--dump_predictions"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "edge" in proc.stdout + proc.stderr and "dropped" in (proc.stdout + proc.stderr).lower()
     m1, m2 = load_metrics(out1), load_metrics(tmp_path)
-    for key in ("miou", "per_class_iou", "pixel_acc", "mba", "boundary_f"):
+    for key in ("miou", "per_class_iou", "pixel_acc", "mba", "boundary_f", "boundary_iou"):
         assert m1[key] == m2[key], key
     for a in sorted((Path(out1) / "predictions" / "labelIds").glob("*.png")):
         b = Path(tmp_path) / "predictions" / "labelIds" / a.name
@@ -149,7 +167,7 @@ def test_perfect_model_scores_one(tiny_cityscapes):
     loader = eval_loader(LabelImages(tiny_cityscapes), batch_size=2, num_workers=0)
     m = evaluate(OracleNet(), loader, torch.device("cpu"), progress=False)
     assert m["miou"] == 1.0 and m["pixel_acc"] == 1.0 and m["mean_class_acc"] == 1.0
-    assert m["mba"] == 1.0 and m["boundary_f"] == 1.0
+    assert m["mba"] == 1.0 and m["boundary_f"] == 1.0 and m["boundary_iou"] == 1.0
     assert m["num_images"] == 4 and m["majority_class_miou"] < 0.1
 
 

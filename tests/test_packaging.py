@@ -83,7 +83,8 @@ def installed_copy(tmp_path_factory):
     """site-packages as `pip install .` lays it out (setup.py), plus a stand-in for Hugging Face
     `datasets`, and an unrelated working directory."""
     site = tmp_path_factory.mktemp("site")
-    shutil.copytree(ROOT / "inverseform", site / "inverseform")
+    for plugin in ("inverseform", "rloss"):  # setup.py's top-level packages
+        shutil.copytree(ROOT / plugin, site / plugin, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "inverseform_seg", site / "inverseform_seg")
     for name in PRIVATE + ("configs",):
         shutil.copytree(ROOT / name, site / "inverseform_seg" / "_root" / name,

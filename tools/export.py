@@ -60,7 +60,7 @@ import torch
 import yaml
 from torch import nn
 
-from datasets import TRAIN_CLASS_COLORS, TRAIN_CLASS_NAMES
+from datasets import TRAIN_CLASS_COLORS, TRAIN_CLASS_NAMES, ClassTable
 from experiment.cli import run_main, str2bool
 from experiment.config import ModelConfig
 from experiment.errors import UserError
@@ -380,11 +380,21 @@ CITATION = """@inproceedings{borse2021inverseform,
 }"""
 
 
-def class_table(num_classes: int) -> Dict[str, Any]:
-    """The Cityscapes train-id names and colours of the first ``num_classes`` classes."""
+def class_table(num_classes: int, state: Any = None) -> Dict[str, Any]:
+    """The names and colours of the classes (and the ``class_table`` mapping infer reads): the
+    table the checkpoint records, else Cityscapes' train ids."""
+    recorded = state.get("class_table") if isinstance(state, Mapping) else None
+    if isinstance(recorded, Mapping):
+        table = ClassTable.from_dict(dict(recorded), source="the checkpoint's class_table")
+        if table.num_classes != num_classes:
+            raise InvalidInputError(f"the checkpoint's class_table has {table.num_classes} classes but its network "
+                                    f"{num_classes}")
+        return {"class_names": list(table.names), "class_colors": [list(c) for c in table.colors],
+                "class_table": dict(recorded)}
     if num_classes > len(TRAIN_CLASS_NAMES):
-        raise InvalidInputError(f"the checkpoint has {num_classes} classes but the class table (Cityscapes train "
-                                f"ids) has {len(TRAIN_CLASS_NAMES)}: a model folder names every class")
+        raise InvalidInputError(f"the checkpoint has {num_classes} classes but records no class table and the "
+                                f"default (Cityscapes train ids) has {len(TRAIN_CLASS_NAMES)}: a model folder names "
+                                f"every class")
     return {"class_names": list(TRAIN_CLASS_NAMES[:num_classes]),
             "class_colors": [list(c) for c in TRAIN_CLASS_COLORS[:num_classes]]}
 
@@ -514,7 +524,7 @@ def export_folder(net: nn.Module, output: str, *, model_path: Optional[str], sta
     """Write ``net`` as a model folder with its model card (metrics and training config from the
     checkpoint ``model_path``, whose contents are ``state``)."""
     source = os.path.basename(model_path) if model_path else None
-    config = model_config(net, {**class_table(net.num_classes), **({"source": source} if source else {})})
+    config = model_config(net, {**class_table(net.num_classes, state), **({"source": source} if source else {})})
     training = state.get("config") if isinstance(state, Mapping) and isinstance(state.get("config"), Mapping) else None
     card = model_card(config, os.path.basename(os.path.normpath(output)), source, card_metrics(model_path, state),
                       training)

@@ -31,3 +31,8 @@ class InvalidOptionError(InputError, TypeError):
 
 class SetupError(InputError, RuntimeError):
     """The environment a run was started in does not fit it (launcher variables, devices)."""
+
+
+class ExistingOutputError(InputError, FileExistsError):
+    """An output already exists and is replaced only with an explicit flag (or never, when it is
+    not what the command itself wrote)."""

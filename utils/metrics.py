@@ -564,17 +564,21 @@ def format_table(class_names: Sequence[str], per_class_iou: Sequence[Optional[fl
                  summary: Dict[str, float], per_class_extra: Optional[Dict[str, Sequence[Optional[float]]]] = None) -> str:
     """A plain-text table of per-class IoU (percent) and the summary figures."""
     extra = per_class_extra or {}
-    header = f"{'id':>3}  {'class':<15}{'IoU':>8}" + "".join(f"{name:>12}" for name in extra)
+    widths = [max(12, len(name) + 2) for name in extra]
+    name_width = max([15] + [len(n) + 1 for n in class_names])
+    header = f"{'id':>3}  {'class':<{name_width}}{'IoU':>8}" + "".join(
+        f"{name:>{w}}" for name, w in zip(extra, widths))
     lines = [header, "-" * len(header)]
 
     def fmt(v):
         return f"{100 * v:8.2f}" if v is not None and not (isinstance(v, float) and np.isnan(v)) else f"{'n/a':>8}"
 
     for i, name in enumerate(class_names):
-        row = f"{i:>3}  {name:<15}{fmt(per_class_iou[i])}"
-        row += "".join(f"{fmt(vals[i]):>12}" for vals in extra.values())
+        row = f"{i:>3}  {name:<{name_width}}{fmt(per_class_iou[i])}"
+        row += "".join(f"{fmt(vals[i]):>{w}}" for vals, w in zip(extra.values(), widths))
         lines.append(row)
     lines.append("-" * len(header))
+    key_width = max([20] + [len(k) + 1 for k in summary])
     for key, value in summary.items():
-        lines.append(f"{key:<20}{fmt(value)}")
+        lines.append(f"{key:<{key_width}}{fmt(value)}")
     return "\n".join(lines)

@@ -33,13 +33,13 @@ import cv2
 import numpy as np
 import torch
 
-from datasets import colorize
+from datasets import ClassTable
 from experiment.acceleration import place_model, to_device_images
 from experiment.comparisons import comparison_dir, run_options
 from experiment.comparisons.children import ChildRun, run_children, use_children
 from experiment.checkpoints import config_differences, load_training_checkpoint
 from experiment.config import ExperimentConfig, require
-from experiment.data import dataset_root, val_dataset
+from experiment.data import dataset_root, table_of, val_dataset
 from experiment.errors import UserError
 from experiment.methods import RunOptions, get_method, run_single
 from experiment.network import build_model, load_weights
@@ -87,14 +87,15 @@ VARIANTS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "inverseform": ("+ InverseForm (Euclid.)", ("loss.inverseform_distance=euclidean",)),
     "geodesic": ("+ InverseForm (geodesic)", ("loss.inverseform_distance=geodesic",)),
 }
-METRICS = (("miou", "mIoU"), ("mba", "mBA"), ("boundary_f", "bnd F"), ("edge_f", "edge F"))
+METRICS = (("miou", "mIoU"), ("mba", "mBA"), ("boundary_f", "bnd F"), ("boundary_iou", "bnd IoU"), ("edge_f", "edge F"))
 
 # What the paper reports for the term (without -> with InverseForm), printed beside the table.
 PAPER = {"HRNet-18-IF, Cityscapes val mIoU": [77.0, 77.6],
          "HRNet-16-Slim, Cityscapes val mIoU": [76.1, 77.8],
          "OCRNet-48, Cityscapes val mIoU": [86.0, 86.3],
          "HMS-OCRNet-48, Cityscapes val mIoU": [86.7, 87.0],
-         "HRNet-48, NYU-Depth-v2 mBA gain (Table 1)": [0.0, 3.3]}
+         "HRNet-18, NYU-Depth-v2 mIoU (Table 1)": [33.18, 34.79],
+         "HRNet-18, NYU-Depth-v2 mBA (Table 1)": [37.46, 40.72]}
 
 
 def check_config(cfg: "AblationExperimentConfig") -> None:
@@ -160,8 +161,8 @@ def ablation_table(results: Dict[str, Any], seeds: List[int]) -> str:
 
 @torch.no_grad()
 def figure_rows(net: torch.nn.Module, samples: List[Dict[str, Any]], device: torch.device,
-                amp_dtype: Optional[torch.dtype]) -> Tuple[np.ndarray, np.ndarray]:
-    """Predicted colours (K x H x W x 3) and edge probabilities (K x H x W, uint8) of ``net``."""
+                amp_dtype: Optional[torch.dtype], table: ClassTable) -> Tuple[np.ndarray, np.ndarray]:
+    """Predicted colours (K x H x W x 3, ``table``'s) and edge probabilities (K x H x W, uint8) of ``net``."""
     was_training = net.training
     net.eval()
     images = to_device_images(torch.stack([s["image"] for s in samples]), device)
@@ -170,11 +171,11 @@ def figure_rows(net: torch.nn.Module, samples: List[Dict[str, Any]], device: tor
     pred = out["pred"].float().argmax(1).cpu().numpy()
     edge = out["edge_prob"][:, 0].float().cpu().numpy() if "edge_prob" in out else np.zeros(pred.shape, np.float32)
     net.train(was_training)
-    return np.stack([colorize(p) for p in pred]), np.stack([edge_image(e) for e in edge])
+    return np.stack([table.colorize(p) for p in pred]), np.stack([edge_image(e) for e in edge])
 
 
 def compose_figure(samples: List[Dict[str, Any]], rows: Dict[str, Tuple[np.ndarray, np.ndarray]],
-                   titles: Dict[str, str], width: int = 256) -> np.ndarray:
+                   titles: Dict[str, str], table: ClassTable, width: int = 256) -> np.ndarray:
     """One row per variant (prediction, edge map for each image), under a row of the images with
     their ground truth and edge targets; RGB uint8."""
     def fit(img: np.ndarray) -> np.ndarray:
@@ -185,7 +186,7 @@ def compose_figure(samples: List[Dict[str, Any]], rows: Dict[str, Tuple[np.ndarr
     top, gt = [], []
     for s in samples:
         top += [labelled(fit(denormalize(s["image"])), s["name"][:28]),
-                labelled(fit(colorize(s["label"].numpy())), "ground truth")]
+                labelled(fit(table.colorize(s["label"].numpy())), "ground truth")]
         target = fit(edge_image(s["edge"][0].numpy()))
         gt += [labelled(target, "edge target"), np.zeros_like(target)]
     lines = [np.concatenate(top, 1), np.concatenate(gt, 1)]
@@ -208,7 +209,7 @@ OUTPUTS = Outputs(marks=("ablation.json", "ablation.png") + tuple(f"{v}/seed*" f
 
 
 def _figure_from_checkpoints(cfg: AblationExperimentConfig, variants: List[str], seed: int,
-                             samples: List[Dict[str, Any]], device: torch.device
+                             samples: List[Dict[str, Any]], device: torch.device, table: ClassTable
                              ) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     rows = {}
     for name in variants:
@@ -216,7 +217,7 @@ def _figure_from_checkpoints(cfg: AblationExperimentConfig, variants: List[str],
         net = build_model(sub)
         load_weights(net, os.path.join(sub.output_dir, "last.pth"))
         place_model(net, device)
-        rows[name] = figure_rows(net, samples, device, None)
+        rows[name] = figure_rows(net, samples, device, None, table)
     return rows
 
 
@@ -312,8 +313,9 @@ def _write_figure(cfg: AblationExperimentConfig, ctx: dist.DistContext) -> None:
     root, _ = dataset_root(cfg.data)
     val = val_dataset(cfg.data, root, max_images=a.figure_images)
     samples = [val[i] for i in range(len(val))]
-    rows = _figure_from_checkpoints(cfg, list(a.variants), a.seeds[0], samples, ctx.device)
-    picture = compose_figure(samples, rows, {n: VARIANTS[n][0] for n in rows})
+    table = table_of(val)
+    rows = _figure_from_checkpoints(cfg, list(a.variants), a.seeds[0], samples, ctx.device, table)
+    picture = compose_figure(samples, rows, {n: VARIANTS[n][0] for n in rows}, table)
     png_path = os.path.join(cfg.output_dir, "ablation.png")
     write_png(png_path, picture)
     writer = Rank0Writer(os.path.join(cfg.output_dir, "tensorboard"), True)

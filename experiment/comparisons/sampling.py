@@ -27,10 +27,10 @@ import cv2
 import numpy as np
 import torch
 
-from datasets import colorize
+from datasets import ClassTable
 from experiment.comparisons import comparison_dir, run_options, with_settings
 from experiment.comparisons.children import ChildRun, run_children, use_children
-from experiment.data import dataset_root, val_dataset
+from experiment.data import dataset_root, table_of, val_dataset
 from experiment.engine import fit
 from experiment.errors import UserError
 from experiment.methods import RunOptions
@@ -80,8 +80,10 @@ def _run(cfg: NUSExperimentConfig, ctx: dist.DistContext, options: RunOptions) -
             net, metrics = _segmentation_run(cfg, ctx, options, aux if mode == "adaptive" else None, size)
             seg_flops = flops["seg"][row["size"]] + (flops["aux"] if mode == "adaptive" else 0)
             row.update({f"{mode}_miou": metrics["miou"], f"{mode}_mflops": seg_flops / 1e6,
-                        f"{mode}_per_class_iou": metrics["per_class_iou"], f"{mode}_pixel_acc": metrics["pixel_acc"]})
-            log.info("%s at %s: mIoU %.4f (%d images%s)", mode, row["size"], metrics["miou"], metrics["num_images"],
+                        f"{mode}_per_class_iou": metrics["per_class_iou"], f"{mode}_pixel_acc": metrics["pixel_acc"],
+                        f"{mode}_boundary_iou": metrics["boundary_iou"]})
+            log.info("%s at %s: mIoU %.4f, Boundary IoU %.4f (%d images%s)", mode, row["size"], metrics["miou"],
+                     metrics["boundary_iou"], metrics["num_images"],
                      f", central {cfg.nus.val_crop[0]} x {cfg.nus.val_crop[1]} crop" if cfg.nus.val_crop
                      else ", whole images")
             if size == headline:
@@ -278,7 +280,7 @@ def seed_table(result: Dict[str, Any]) -> str:
 
 
 def sampling_picture(image: torch.Tensor, label: torch.Tensor, grids: Dict[str, torch.Tensor],
-                     preds: Dict[str, torch.Tensor]) -> np.ndarray:
+                     preds: Dict[str, torch.Tensor], table: ClassTable) -> np.ndarray:
     """One row per method: the image with its sample points, then its prediction (uint8 RGB)."""
     rgb = denormalize(image)
     height, width = rgb.shape[:2]
@@ -288,10 +290,10 @@ def sampling_picture(image: torch.Tensor, label: torch.Tensor, grids: Dict[str, 
         points = grid.reshape(-1, 2).cpu().numpy() * np.array([height - 1, width - 1])
         for r, c in np.round(points).astype(int):
             cv2.circle(canvas, (int(c), int(r)), 1, (255, 255, 0), -1)
-        pred = colorize(preds[name].cpu().numpy().astype(np.uint8))
+        pred = table.colorize(preds[name].cpu().numpy().astype(np.uint8))
         cv2.putText(canvas, name, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
         rows.append(np.concatenate([canvas, pred], 1))
-    truth = colorize(np.where(label.cpu().numpy() == 255, 255, label.cpu().numpy()).astype(np.uint8))
+    truth = table.colorize(label.cpu().numpy().astype(np.uint8))
     rows.append(np.concatenate([rgb, truth], 1))
     return np.concatenate(rows, 0)
 
@@ -308,4 +310,4 @@ def sampling_figure(nets: Dict[str, NUSSegmenter], val_data, device: torch.devic
         out = net.eval()(image)
         grids[name] = out["locations"][0]
         preds[name] = out["pred"][0].argmax(0)
-    return sampling_picture(image[0], label, grids, preds)
+    return sampling_picture(image[0], label, grids, preds, table_of(val_data))

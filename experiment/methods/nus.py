@@ -41,7 +41,7 @@ from models.mobilenetv2 import load_imagenet_mobilenetv2
 from models.nus import AuxiliaryNet, NUSSegmenter, sample
 from utils import dist
 from utils.config import path_field
-from utils.metrics import confusion_matrix, scores_from_confusion
+from utils.metrics import boundary_iou_counts_batch, boundary_iou_from_counts, confusion_matrix, scores_from_confusion
 
 log = logging.getLogger("experiment.nus")
 
@@ -202,9 +202,11 @@ def central_crop(tensor: torch.Tensor, crop: Optional[Tuple[int, int]]) -> torch
 @torch.no_grad()
 def evaluate_nus(net: NUSSegmenter, loader, device: torch.device, num_classes: int,
                  crop: Optional[Tuple[int, int]] = None, amp_dtype=None, desc: str = "validation") -> Dict[str, Any]:
-    """mIoU at full resolution (or on the central ``crop``) after un-sampling; identical on every rank."""
+    """mIoU and Boundary IoU (its default band) at full resolution (or on the central ``crop``)
+    after un-sampling; identical on every rank."""
     net.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    biou = torch.zeros(num_classes, 2, dtype=torch.long, device=device)
     images_seen = torch.zeros((), dtype=torch.long, device=device)
     for batch in tqdm(loader, desc=desc, unit="img", disable=not dist.is_main_process(), leave=False):
         images = central_crop(to_device_images(batch["image"], device), crop)
@@ -212,10 +214,13 @@ def evaluate_nus(net: NUSSegmenter, loader, device: torch.device, num_classes: i
         with autocast(device, amp_dtype):
             pred = net(images)["pred"]
         conf += confusion_matrix(pred.argmax(1), labels, num_classes)
+        biou += boundary_iou_counts_batch(pred.argmax(1), labels, num_classes)
         images_seen += images.shape[0]
     dist.all_reduce(conf)
+    dist.all_reduce(biou)
     dist.all_reduce(images_seen)
     scores = scores_from_confusion(conf.cpu().numpy())
+    scores.update(boundary_iou_from_counts(biou))
     scores["num_images"] = int(images_seen)
     return scores
 

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets import Cityscapes, TrainTransform
-from experiment.config import DataConfig, RunConfig, require
-from experiment.data import dataset_root, train_loader
+from datasets import SegmentationDataset, TrainTransform
+from experiment.config import DataConfig, RunConfig, check_tile_grid, require
+from experiment.data import dataset_root, labelled_images, train_loader
 from experiment.engine import OptimizerSpec, Task
 from experiment.errors import UserError
 from experiment.methods import Method, RunOptions, get_method, register, run_single
@@ -89,14 +89,18 @@ class RegressorModelConfig:
 class TileConfig:
     """How boundary tiles are cut: as InverseFormLoss sees them during segmentation training.
     Edge targets of training crops (``data.crop_size``) are resized bilinearly to
-    (tile_factor * T) x (2 * tile_factor * T) and cut into T x T tiles."""
+    (tile_factor * T) x (2 * tile_factor * T), or (rows * T) x (cols * T) with ``tile_grid``
+    (= the segmentation config's loss.inverseform_tile_grid), and cut into T x T tiles."""
     tile_factor: int = 3
+    tile_grid: Optional[List[int]] = None
     min_edge_fraction: float = 0.01   # tiles with less boundary than this are 'empty'
     empty_keep: float = 0.1           # share of empty tiles kept, as identity pairs
     identity_fraction: float = 0.2    # share of pairs left untransformed (target 0)
 
     def validate(self) -> None:
         require(self.tile_factor >= 1, f"config key 'tiles.tile_factor' must be >= 1, got {self.tile_factor}")
+        require(self.tile_grid is None or check_tile_grid(self.tile_grid),
+                f"config key 'tiles.tile_grid' must be null or two positive ints [rows, cols], got {self.tile_grid!r}")
         for name in ("min_edge_fraction", "empty_keep", "identity_fraction"):
             value = getattr(self, name)
             require(0.0 <= value <= 1.0, f"config key 'tiles.{name}' must be in [0, 1], got {value}")
@@ -148,12 +152,13 @@ class EdgeTiles(Dataset):
     cheaper than a segmentation model.  Sample ``i`` of epoch ``e`` is seeded by (seed, e, i).
     """
 
-    def __init__(self, labels: Cityscapes, transform: TrainTransform, tile_size: int, tile_factor: int,
-                 min_edge_fraction: float, empty_keep: float, seed: int, cache_bytes: int = 512 << 20):
+    def __init__(self, labels: SegmentationDataset, transform: TrainTransform, tile_size: int,
+                 grid: Tuple[int, int], min_edge_fraction: float, empty_keep: float, seed: int,
+                 cache_bytes: int = 512 << 20):
         self.labels = labels
         self.transform = transform
         self.tile_size = tile_size
-        self.resized = (tile_factor * tile_size, 2 * tile_factor * tile_size)
+        self.resized = (grid[0] * tile_size, grid[1] * tile_size)
         self.min_edge_fraction = min_edge_fraction
         self.empty_keep = empty_keep
         self.seed = seed
@@ -187,10 +192,9 @@ def collate_tiles(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tenso
 def tile_dataset(cfg: "RegressorConfig", root: str, split: str, seed: int) -> EdgeTiles:
     transform = TrainTransform(crop_size=cfg.data.crop_size, scale_range=cfg.data.scale_range, flip=cfg.data.flip,
                                edge_radius=cfg.data.edge_radius, edge_image_border=cfg.data.edge_image_border)
-    labels = Cityscapes(root, split, edge_radius=cfg.data.edge_radius, progress=False)
-    if len(labels) == 0:
-        raise UserError(f"split {split!r} of {root} holds no images")
-    return EdgeTiles(labels, transform, cfg.model.tile_size, cfg.tiles.tile_factor, cfg.tiles.min_edge_fraction,
+    labels = labelled_images(cfg.data, root, split, progress=False)
+    grid = tuple(cfg.tiles.tile_grid) if cfg.tiles.tile_grid else (cfg.tiles.tile_factor, 2 * cfg.tiles.tile_factor)
+    return EdgeTiles(labels, transform, cfg.model.tile_size, grid, cfg.tiles.min_edge_fraction,
                      cfg.tiles.empty_keep, seed)
 
 
@@ -378,7 +382,7 @@ def saved_report(cfg: RegressorConfig, net: InverseNet, root: str, synthetic: bo
         atomic_write_json(os.path.join(cfg.output_dir, "report.json"), metrics)
         metadata = {
             "dataset": root, "synthetic_dataset": synthetic, "steps": cfg.train.steps,
-            "crop_size": list(cfg.data.crop_size), "tile_factor": cfg.tiles.tile_factor,
+            "crop_size": list(cfg.data.crop_size), "tile_factor": cfg.tiles.tile_factor, "tile_grid": cfg.tiles.tile_grid,
             "edge_image_border": cfg.data.edge_image_border, "ranges": ranges,
             "identity_fraction": cfg.tiles.identity_fraction, "min_edge_fraction": cfg.tiles.min_edge_fraction,
             "created": datetime.datetime.now().isoformat(timespec="seconds"),

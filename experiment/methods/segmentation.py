@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from datasets import NUM_CLASSES, colorize
+from datasets import NUM_CLASSES, ClassTable
 from experiment.acceleration import to_device_images
 from experiment.checkpoints import file_sha256, require_finite
 from experiment.config import ExperimentConfig, LossConfig
-from experiment.data import dataset_root, eval_loader, train_dataset, train_loader, val_dataset
+from experiment.data import dataset_root, eval_loader, table_of, train_dataset, train_loader, val_dataset
 from experiment.engine import OptimizerSpec, Task
 from experiment.errors import UserError
 from experiment.evaluation import evaluate, metrics_table
@@ -76,6 +76,11 @@ class SegmentationObjective(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the regressor first
+# what says which images and labels a run reads
+DATA_SOURCE_KEYS = ("dataset", "dataset_dir", "class_table", "layout", "image_folder", "label_folder",
+                    "label_suffix", "train_split", "val_split")
+
+
 def regressor_config_for(cfg: ExperimentConfig):
     """``loss.regressor_config`` writing ``loss.inverseform_path``, on this run's dataset (never
     the regressor config's own default, relative to the current directory) and device."""
@@ -85,8 +90,10 @@ def regressor_config_for(cfg: ExperimentConfig):
     overrides = [f"output_path={cfg.loss.inverseform_path}", f"train.device={cfg.train.device}",
                  f"data.synthetic_dir={cfg.data.synthetic_dir}", f"data.synthetic={{{synthetic}}}",
                  f"data.edge_image_border={cfg.data.edge_image_border}"]  # tiles of the targets it will compare
-    if cfg.data.dataset_dir:
-        overrides.append(f"data.dataset_dir={cfg.data.dataset_dir}")
+    # the same images and labels, read the same way; tiles cut as this run's term cuts them
+    overrides += [(f"data.{key}", getattr(cfg.data, key)) for key in DATA_SOURCE_KEYS]
+    overrides += [("tiles.tile_factor", cfg.loss.inverseform_tile_factor),
+                  ("tiles.tile_grid", cfg.loss.inverseform_tile_grid)]
     return load_run_config([cfg.loss.regressor_config], overrides, schema=RegressorConfig)
 
 
@@ -134,16 +141,33 @@ def build_network(cfg: ExperimentConfig, ctx: dist.DistContext) -> torch.nn.Modu
 def check_num_classes(cfg: ExperimentConfig, root: str, num_classes: int = NUM_CLASSES) -> None:
     """Labels >= num_classes would be ignored in training, then validation fails."""
     if cfg.model.num_classes != num_classes:
-        raise UserError(f"config key 'model.num_classes' is {cfg.model.num_classes} but the dataset {root} has "
-                        f"{num_classes} classes (train ids 0-{num_classes - 1}); set model.num_classes={num_classes}")
+        raise UserError(f"config key 'model.num_classes' is {cfg.model.num_classes} but the {cfg.data.dataset} "
+                        f"dataset {root} has {num_classes} classes (train ids 0-{num_classes - 1}); set "
+                        f"model.num_classes={num_classes}")
 
 
-def log_sample_images(writer, batch: Dict[str, Any], outputs: Dict[str, torch.Tensor], step: int) -> None:
-    writer.add_image("train/input", denormalize(batch["image"][0]), step, dataformats="HWC")
-    pred = outputs["pred"][0].detach().float().argmax(0).cpu().numpy().astype(np.uint8)
-    writer.add_image("train/prediction", colorize(pred), step, dataformats="HWC")
-    writer.add_image("train/ground_truth", colorize(batch["label"][0].numpy().astype(np.uint8)), step,
-                     dataformats="HWC")
+def sample_image_logger(table: ClassTable):
+    """TensorBoard pictures of a training step's first sample, in the colours of ``table``."""
+    def log_sample_images(writer, batch: Dict[str, Any], outputs: Dict[str, torch.Tensor], step: int) -> None:
+        writer.add_image("train/input", denormalize(batch["image"][0]), step, dataformats="HWC")
+        pred = outputs["pred"][0].detach().float().argmax(0).cpu().numpy().astype(np.uint8)
+        writer.add_image("train/prediction", table.colorize(pred), step, dataformats="HWC")
+        writer.add_image("train/ground_truth", table.colorize(batch["label"][0].numpy().astype(np.uint8)), step,
+                         dataformats="HWC")
+        log_edge_images(writer, batch, outputs, step)
+    return log_sample_images
+
+
+def table_record(table: ClassTable) -> Dict[str, Any]:
+    """What a checkpoint records of its classes (infer and export read it back): the table's
+    YAML mapping, or only names and colours when a class has several stored values."""
+    try:
+        return table.to_dict()
+    except ValueError:
+        return {"names": list(table.names), "colors": [list(c) for c in table.colors]}
+
+
+def log_edge_images(writer, batch: Dict[str, Any], outputs: Dict[str, torch.Tensor], step: int) -> None:
     if "edge" in outputs:
         prob = torch.sigmoid(outputs["edge"][0, 0].detach().float()).cpu().numpy()
         writer.add_image("train/edge_prediction", edge_image(prob), step, dataformats="HW")
@@ -152,7 +176,8 @@ def log_sample_images(writer, batch: Dict[str, Any], outputs: Dict[str, torch.Te
 
 def metrics_line(metrics: Dict[str, Any]) -> str:
     return (f"mIoU {metrics['miou']:.4f} (majority class {metrics['majority_class_miou']:.4f}), "
-            f"mBA {metrics['mba']:.4f}, boundary F {metrics['boundary_f']:.4f}")
+            f"mBA {metrics['mba']:.4f}, boundary F {metrics['boundary_f']:.4f}, "
+            f"Boundary IoU {metrics['boundary_iou']:.4f}")
 
 
 def final_report(cfg: ExperimentConfig, dataset: str) -> Any:
@@ -170,13 +195,16 @@ def final_report(cfg: ExperimentConfig, dataset: str) -> Any:
 
 
 def segmentation_task(cfg: ExperimentConfig, ctx: dist.DistContext, train_data, val_data, objective_fn,
-                      dataset: str, dump_predictions: bool = True, describe: str = "") -> Task:
+                      dataset: str, dump_predictions: bool = True, describe: str = "",
+                      class_table: Optional[ClassTable] = None) -> Task:
     """The task of a run that trains a segmentation net on ``train_data`` and validates it on
-    ``val_data`` with every metric; shared by the segmentation and weak methods.
+    ``val_data`` with every metric; shared by the segmentation and weak methods.  ``class_table``
+    (default: the training data's, else Cityscapes) names and colours the classes.
     ``objective_fn(net)``, called after the network is built, returns the objective: a module
     called as ``objective(outputs, label, edge[, image=, roi=])`` -> (loss, detached components)
     whose ``joint`` attribute, if any, is the criterion of the validation loss."""
     device = ctx.device
+    table = class_table or table_of(train_data)
     loader = train_loader(train_data, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed)
     val_loader = eval_loader(val_data, cfg.val.batch_size, cfg.val.num_workers)
     total = total_iterations(loader, cfg.train.epochs, cfg.train.max_iters)
@@ -196,29 +224,30 @@ def segmentation_task(cfg: ExperimentConfig, ctx: dist.DistContext, train_data, 
 
     def run_evaluation(eval_model, iteration: int, final: bool, writer) -> Dict[str, Any]:
         # The final validation dumps predictions: every rank writes the images of its own shard.
-        dumper = PredictionDumper(os.path.join(cfg.output_dir, "predictions"), cfg.model.has_edge) \
+        dumper = PredictionDumper(os.path.join(cfg.output_dir, "predictions"), cfg.model.has_edge, table) \
             if final and dump_predictions else None
         return evaluate(eval_model, val_loader, device, num_classes=cfg.model.num_classes,
                         criterion=getattr(objective, "joint", None),
                         amp_dtype=amp_dtype, boundary_tolerance=cfg.val.boundary_tolerance, dumper=dumper,
                         writer=writer, step=iteration, num_images_logged=cfg.val.num_images_logged,
-                        desc=f"validation @ {iteration}")
+                        desc=f"validation @ {iteration}", class_table=table,
+                        boundary_iou=(cfg.val.boundary_iou_dilation, cfg.val.boundary_iou_pixels))
 
     return Task(model=net, loader=loader, step=step, optimizer=OptimizerSpec.from_config(cfg.optim), total=total,
                 samples_per_batch=cfg.train.batch_size, evaluate=run_evaluation, best_metric="miou",
                 val_interval=cfg.train.val_interval, checkpoint_interval=cfg.train.checkpoint_interval,
                 fields={"arch": cfg.model.arch, "hrnet_base": net.hrnet_base, "has_edge": cfg.model.has_edge,
-                        "num_classes": cfg.model.num_classes},
+                        "num_classes": cfg.model.num_classes, "class_table": table_record(table)},
                 describe=f"{cfg.model.arch} (hrnet_base {net.hrnet_base}, has_edge {cfg.model.has_edge}): "
                          f"{count_parameters(net):,} parameters; {dataset}, {len(train_data)} images/epoch, batch "
                          f"{cfg.train.batch_size}{describe}",
-                log_images=log_sample_images, metrics_line=metrics_line, report=final_report(cfg, dataset))
+                log_images=sample_image_logger(table), metrics_line=metrics_line, report=final_report(cfg, dataset))
 
 
 def build_task(cfg: ExperimentConfig, ctx: dist.DistContext) -> Task:
     root, synthetic = dataset_root(cfg.data)
     train_data = train_dataset(cfg.data, root, seed=cfg.train.seed)
-    check_num_classes(cfg, root)
+    check_num_classes(cfg, root, train_data.class_table.num_classes)
     val_data = val_dataset(cfg.data, root, max_images=cfg.val.max_images)
     inverseform_on = cfg.model.has_edge and cfg.loss.inv_weight > 0
 

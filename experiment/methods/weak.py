@@ -2,8 +2,8 @@
 the labeled pixels plus the DenseCRF regularized loss of rloss/ on every pixel inside the roi
 (``method: weak``).
 
-Scribbles are drawn from the full labels of a Cityscapes root (real or synthetic), or read from
-PASCAL VOC 2012 with the reference's scribbles; validation is on full labels.  ``weak.compare``
+Scribbles are drawn from the full labels of the dataset of ``data`` (Cityscapes, real or synthetic,
+or a folder dataset with its class table), or read from PASCAL VOC 2012 with the reference's scribbles; validation is on full labels.  ``weak.compare``
 runs the paper's comparison instead (experiment/comparisons/supervision.py).
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets import IGNORE_INDEX, Cityscapes, ScribbleCityscapes, TrainTransform, ValTransform
+from datasets import IGNORE_INDEX, TrainTransform, ValTransform
 from experiment.config import ExperimentConfig, LossConfig, require
-from experiment.data import color_jitter, dataset_root
+from experiment.data import color_jitter, dataset_root, labelled_images
 from experiment.engine import Task
 from experiment.errors import UserError
 from experiment.methods import Method, RunOptions, register
@@ -51,9 +51,9 @@ class DenseCRFConfig:
 @dataclasses.dataclass
 class WeakConfig:
     """Partial cross-entropy on the labeled pixels plus ``densecrf.weight`` x DenseCRF.
-    ``source``: ``cityscapes`` draws scribbles from the full labels of the (real or synthetic)
-    Cityscapes root; ``voc`` reads PASCAL VOC 2012 with the reference's scribbles from
-    ``voc_dir``.  ``labels: full`` trains the same objective on full labels (the upper bound).
+    ``source``: ``cityscapes`` draws scribbles from the full labels of the dataset ``data``
+    names (``data.dataset``: Cityscapes, real or synthetic, or a folder dataset); ``voc`` reads
+    PASCAL VOC 2012 with the reference's scribbles from ``voc_dir``.  ``labels: full`` trains the same objective on full labels (the upper bound).
     ``compare: true`` runs pCE, pCE + DenseCRF and full supervision with the same seed and
     schedule and writes OUTPUT_DIR/comparison.json."""
     source: str = "cityscapes"
@@ -110,16 +110,12 @@ def scribble_datasets(cfg: WeakExperimentConfig) -> Tuple[str, bool, Any, Any]:
     if w.source == "voc":
         return _voc_datasets(cfg, transform)
     root, synthetic = dataset_root(d)
-    common = dict(edge_radius=d.edge_radius, class_uniform_fraction=d.class_uniform_fraction, seed=cfg.train.seed)
-    if w.labels == "full":
-        train = Cityscapes(root, d.train_split, transform=transform, **common)
-    else:
-        train = ScribbleCityscapes(root, d.train_split, transform=transform, scribble_seed=w.scribble_seed,
-                                   scribble_fraction=w.scribble_fraction, stroke_width=w.stroke_width,
-                                   min_area=w.min_area, precompute=synthetic, **common)
-    val = Cityscapes(root, d.val_split, transform=ValTransform(edge_radius=d.edge_radius), edge_radius=d.edge_radius)
-    if len(train) == 0 or len(val) == 0:
-        raise UserError(f"{root}: the {d.train_split!r} or {d.val_split!r} split holds no images")
+    scribbles = None if w.labels == "full" else dict(
+        scribble_seed=w.scribble_seed, scribble_fraction=w.scribble_fraction, stroke_width=w.stroke_width,
+        min_area=w.min_area, precompute=synthetic)
+    train = labelled_images(d, root, d.train_split, transform, seed=cfg.train.seed,
+                            class_uniform_fraction=d.class_uniform_fraction, scribbles=scribbles)
+    val = labelled_images(d, root, d.val_split, ValTransform(edge_radius=d.edge_radius))
     if cfg.val.max_images:
         val = torch.utils.data.Subset(val, range(min(cfg.val.max_images, len(val))))
     return root, synthetic, train, val
@@ -199,21 +195,20 @@ class WeakObjective(nn.Module):
 
 # ----------------------------------------------------------------------------- the method
 def prepare(cfg: WeakExperimentConfig, ctx: dist.DistContext, options: RunOptions) -> None:
-    if cfg.weak.source == "cityscapes":
+    if cfg.weak.source != "voc":
         dataset_root(cfg.data)
 
 
 def build_task(cfg: WeakExperimentConfig, ctx: dist.DistContext) -> Task:
     root, synthetic, train_data, val_data = scribble_datasets(cfg)
-    if cfg.weak.source != "voc":
-        check_num_classes(cfg, root)
+    if cfg.weak.source != "voc":  # VOC's 21 classes are checked where it is read
+        check_num_classes(cfg, root, train_data.class_table.num_classes)
 
     def objective(net):
         return WeakObjective(cfg.loss, cfg.weak, cfg.model.num_classes).to(ctx.device)
 
     return segmentation_task(cfg, ctx, train_data, val_data, objective,
                              "the synthetic dataset" if synthetic else root,
-                             dump_predictions=cfg.weak.source != "voc",  # the dumps hold Cityscapes ids
                              describe=f"; {cfg.weak.labels} labels, DenseCRF weight {cfg.weak.densecrf.weight:g}")
 
 
