@@ -7,8 +7,11 @@
   model; for evaluation the fixed-size batches are padded to the loader's batch size, so the
   last, shorter batch does not trigger a recompile.  Checkpoints are always written from the
   plain module (``unwrap``), never with ``_orig_mod.`` keys.
-* evaluation autocast ``auto``: bf16 only where it was measured to be at least as fast as
-  fp32 (see ``EVAL_BF16_AUTO``); training keeps ``train.amp`` (auto: bf16 on CUDA).
+* one precision for every evaluation (:func:`evaluation_amp`): validation during training (which
+  chooses ``best.pth``), ``experiment.validation``, ``experiment.infer`` and the NUS validation
+  all autocast by ``val.amp``, never by ``train.amp``; ``auto`` is fp32 (TF32 convolutions) on
+  CUDA except for the archs where bf16 was measured at least as fast (``EVAL_BF16_AUTO``), off on
+  the CPU.  Training keeps ``train.amp`` (auto: bf16 on CUDA).
 """
 from __future__ import annotations
 
@@ -99,6 +102,12 @@ def resolve_eval_amp(mode: str, device: torch.device, arch: str) -> Optional[tor
     if mode == "auto" and torch.device(device).type == "cuda":
         return torch.bfloat16 if EVAL_BF16_AUTO.get(arch, False) else None
     return resolve_amp(mode, torch.device(device))
+
+
+def evaluation_amp(cfg, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype (None: fp32) of every evaluation of ``cfg``'s model on ``device``:
+    ``val.amp`` for ``model.arch`` (:func:`resolve_eval_amp`)."""
+    return resolve_eval_amp(cfg.val.amp, torch.device(device), cfg.model.arch)
 
 
 def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -194,6 +194,9 @@ def script_main(args: argparse.Namespace, config_from_args: Callable[[argparse.N
             if is_user_error(exc):
                 exc.same_on_every_rank = True  # type: ignore[attr-defined]
             raise
+        if getattr(cfg.train, "deterministic", False):  # cuBLAS reads its setting once: before CUDA starts
+            from experiment.engine import set_deterministic_cublas
+            set_deterministic_cublas()
         ctx = dist.init_distributed(cfg.train.device)
         set_threads_for_cpu(ctx.world_size)
         dist.setup_logging(cfg.output_dir, ctx.rank, filename=log_file)

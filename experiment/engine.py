@@ -12,11 +12,16 @@ same for every method:
 * SIGTERM/SIGUSR1: every rank stops after the same iteration with a checkpoint;
 * ``last.pth`` (every epoch or ``checkpoint_interval`` iterations) and ``best.pth``, written
   atomically with every rank's RNG states: ``--resume`` continues exactly as the uninterrupted
-  run would, or is refused naming the settings that differ (experiment/checkpoints.py);
+  run would (bit for bit on a CPU, and on CUDA with ``--deterministic``), or is refused naming
+  the settings that differ (experiment/checkpoints.py);
+* ``--deterministic``: PyTorch's deterministic algorithms, strictly (an op without one is
+  refused in one line; utils/determinism.py replaces the project's own), deterministic cuBLAS
+  and cuDNN;
 * periodic and final validation with the task's own evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -159,14 +164,15 @@ def fit(cfg, ctx: dist.DistContext, build: Callable[[Any, dist.DistContext], Tas
 
         on_main_first(claim)
         _set_determinism(cfg.train.deterministic, ctx.device)
-        if prepare is not None:
-            prepare(cfg, ctx, RunOptions(resume, overwrite, stop_after))
-        seed_everything(cfg.train.seed + ctx.rank)
-        trainer = Trainer(cfg, ctx, build(cfg, ctx), stop)
-        trainer.restore(resume_path, resuming_here)
-        if ctx.is_main:  # after the resume checks: a refused resume leaves the run's config.yaml alone
-            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-        return trainer.run(stop_after), trainer.net
+        with refusing_nondeterministic_ops(cfg.train.deterministic):
+            if prepare is not None:
+                prepare(cfg, ctx, RunOptions(resume, overwrite, stop_after))
+            seed_everything(cfg.train.seed + ctx.rank)
+            trainer = Trainer(cfg, ctx, build(cfg, ctx), stop)
+            trainer.restore(resume_path, resuming_here)
+            if ctx.is_main:  # after the resume checks: a refused resume leaves the run's config.yaml alone
+                save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+            return trainer.run(stop_after), trainer.net
 
 
 def resume_setting(cfg, resume: Union[bool, str, None]) -> Union[bool, str, None]:
@@ -206,12 +212,62 @@ def check_same_settings(cfg, ctx: dist.DistContext) -> None:
                         "same config and flags")
 
 
+# cuBLAS is deterministic with a fixed workspace: PyTorch accepts these two settings.
+DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def set_deterministic_cublas() -> None:
+    """Set ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` for ``--deterministic``.  cuBLAS reads it once, at
+    its first call, so the scripts set it at config load, before CUDA starts; once CUDA runs,
+    another value is refused."""
+    value = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if value in DETERMINISTIC_CUBLAS:
+        return
+    wanted = DETERMINISTIC_CUBLAS[0]
+    if torch.cuda.is_initialized():
+        raise UserError(f"--deterministic (train.deterministic) needs CUBLAS_WORKSPACE_CONFIG={wanted} before CUDA "
+                        f"starts, but CUDA was started with {'it unset' if value is None else repr(value)}; export "
+                        f"CUBLAS_WORKSPACE_CONFIG={wanted} before starting Python")
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = wanted
+
+
 def _set_determinism(deterministic: bool, device: torch.device) -> None:
+    """``deterministic``: PyTorch's deterministic algorithms, strictly (an op without one stops the
+    run, see :func:`refusing_nondeterministic_ops`), deterministic cuBLAS and cuDNN, no cuDNN
+    benchmark.  Otherwise none of these, and cuDNN benchmarks its convolutions on CUDA."""
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        set_deterministic_cublas()
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+
+
+NO_DETERMINISTIC_KERNEL = "does not have a deterministic implementation"
+
+
+def nondeterminism_message(error: str) -> Optional[str]:
+    """One line for PyTorch's refusal of a nondeterministic op (``error``), else None."""
+    where = "--deterministic (train.deterministic)"
+    if NO_DETERMINISTIC_KERNEL in error:
+        op = error.split(NO_DETERMINISTIC_KERNEL)[0].strip()
+        return f"{where}: {op} has no deterministic implementation on this device; train without --deterministic"
+    if "CUBLAS_WORKSPACE_CONFIG" in error:
+        return (f"{where}: cuBLAS started before CUBLAS_WORKSPACE_CONFIG was set; export "
+                f"CUBLAS_WORKSPACE_CONFIG={DETERMINISTIC_CUBLAS[0]} before starting Python")
+    return None
+
+
+@contextlib.contextmanager
+def refusing_nondeterministic_ops(deterministic: bool):
+    """Under ``--deterministic``, PyTorch's error for an op with no deterministic implementation
+    on this device becomes one line naming the op and the setting."""
+    try:
+        yield
+    except RuntimeError as exc:
+        message = nondeterminism_message(str(exc)) if deterministic else None
+        if message is None:
+            raise
+        raise UserError(message) from exc
 
 
 def check_finite(losses: Mapping[str, torch.Tensor], iteration: int, epoch: int, checkpoint_path: str,
@@ -224,7 +280,7 @@ def check_finite(losses: Mapping[str, torch.Tensor], iteration: int, epoch: int,
     names = list(losses)
     values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
     flags = torch.stack([torch.isfinite(values).all().float(),
-                         torch.tensor(-1.0 if stop_requested else 0.0, device=values.device)])
+                         torch.full((), -1.0 if stop_requested else 0.0, device=values.device)])
     dist.all_reduce(flags, op="min")
     finite, stop = flags.tolist()
     if finite >= 1:

@@ -63,12 +63,16 @@ def per_image_loss_sums(criterion: torch.nn.Module, logits: torch.Tensor, edge_l
     sums = torch.zeros(1 + len(LOSS_PARTS), dtype=torch.float64, device=logits.device)
     present = torch.zeros(len(LOSS_PARTS), device=logits.device)
     zero = torch.zeros((), device=logits.device)
+    computed = set()
     for i in range(logits.shape[0]):
         one = slice(i, i + 1)
         total, parts = criterion(logits[one], None if edge_logits is None else edge_logits[one], labels[one],
                                  None if edge_logits is None else edges[one])
         sums += torch.stack([total.detach().double()] + [parts.get(k, zero).double() for k in LOSS_PARTS])
-        present = torch.maximum(present, torch.tensor([float(k in parts) for k in LOSS_PARTS], device=logits.device))
+        computed.update(parts)
+    for j, key in enumerate(LOSS_PARTS):  # fills on the device: no host-to-device copy
+        if key in computed:
+            present[j] = 1.0
     return sums, present
 
 

@@ -47,14 +47,14 @@ from datasets import NUM_CLASSES, ClassTable, nyu40_class_table
 from datasets.transforms import normalize_image
 from experiment.cli import (AMP_CHOICES, INFERENCE_FLAGS, add_inference_arguments, explicit_keys, flag_overrides,
                             script_main, str2bool)
-from experiment.acceleration import place_model, to_device_images
+from experiment.acceleration import evaluation_amp, place_model, to_device_images
 from experiment.errors import UserError
 from experiment.evaluation import too_small_for_the_network
 from experiment.network import MODEL_KEYS, describe_from_checkpoint, load_model, read_model_file
 from experiment.pictures import edge_image, write_png
 from experiment.run_config import load_run_config
 from experiment.run_dir import holding
-from experiment.runtime import autocast, on_main_first, resolve_amp
+from experiment.runtime import autocast, on_main_first
 from experiment.tta import inference_mode_from_config, predict
 from utils import dist
 from utils.config import add_config_arguments
@@ -372,7 +372,7 @@ def _segment_all(cfg: Any, model_path: str, source: str, images, ctx: dist.DistC
     net = load_model(cfg, state, model_path)
     device = ctx.device
     place_model(net, device).eval()  # channels_last on CUDA
-    amp_dtype = resolve_amp(cfg.val.amp, device)
+    amp_dtype = evaluation_amp(cfg, device)  # as validation's
     mine = shard(images, ctx.rank, ctx.world_size)
     # OpenCV's own decoder messages would duplicate (less clearly) the one error line per file below.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
@@ -436,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, help="same-size images per forward pass (val.batch_size)")
     p.add_argument("--num_workers", type=int, help="image-decoding workers per process (val.num_workers)")
     p.add_argument("--amp", choices=AMP_CHOICES,
-                   help="autocast: auto (bf16 on CUDA, off on CPU), on (=bf16), off, bf16, fp16")
+                   help="autocast (val.amp): auto (as validation: off on CPU; on CUDA bf16 only for the archs "
+                        "where it was measured faster than fp32, see experiment/acceleration.py), on (=bf16), off, "
+                        "bf16, fp16")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
     p.add_argument("--class_table", "--class-table", dest="class_table",
                    help="the classes' names, colours and label ids (YAML; default: the model file's, else "

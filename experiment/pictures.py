@@ -18,9 +18,8 @@ from utils.io import atomic_write_bytes
 def unnormalize(images: torch.Tensor) -> torch.Tensor:
     """N x 3 x H x W network inputs (ImageNet-normalised) back to float RGB in [0, 1] (not
     clipped), on their device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    return images.detach().float() * std + mean
+    images = images.detach().float()  # per channel with Python scalars: no host-to-device copy
+    return torch.stack([images[:, c] * IMAGENET_STD[c] + IMAGENET_MEAN[c] for c in range(3)], 1)
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:

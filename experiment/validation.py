@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script (torchrun experiment/validation
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import ClassTable
-from experiment.acceleration import compile_model, place_model, resolve_eval_amp
+from experiment.acceleration import compile_model, evaluation_amp, place_model
 from experiment.cli import (AMP_CHOICES, INFERENCE_FLAGS, SHARED_FLAGS, add_inference_arguments, explicit_keys,
                             flag_overrides, script_main, script_parser, str2bool)
 from experiment.data import class_table, dataset_root, eval_loader, val_dataset
@@ -131,7 +131,7 @@ def validate(cfg: Any, model_path: str, ctx: dist.DistContext, split: str = "val
                         f"dataset {root} has {table.num_classes} classes (train ids 0-{table.num_classes - 1})")
     device = ctx.device
     place_model(net, device).eval()  # channels_last on CUDA
-    amp_dtype = resolve_eval_amp(cfg.val.amp, device, cfg.model.arch)
+    amp_dtype = evaluation_amp(cfg, device)  # the precision of the validations that chose best.pth
     criterion = None
     if split != "test":
         inverseform = load_inverseform(cfg.loss, device) if cfg.model.has_edge else None

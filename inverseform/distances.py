@@ -11,18 +11,26 @@ good prediction lives:
 * arccos'(1) is infinite and the identity gives (Tr(P) - 1) / 2 = 1. :func:`safe_arccos`
   returns the exact value but evaluates the derivative at the argument clamped to
   [-1 + eps, 1 - eps], so it is bounded (by 1/sqrt(2 eps)).
-* ``torch.linalg.svd``'s backward divides by s_i^2 - s_j^2, which is 0/0 = NaN when
-  singular values repeat - and the identity has all three equal. The projection itself is
-  smooth there, so :func:`so3_projection` uses its own backward, derived for
-  P = U D V^T directly: the only denominators are s_i + s_j (pairs with the same sign in
-  D) and s_j - s_i (pairs of opposite sign, where the projection is genuinely not
-  differentiable). Each 1/x is replaced by x / (x^2 + eps^2), which is 1/x to relative
-  error eps^2/x^2 and bounded by 1/(2 eps) near x = 0 (rank-deficient matrices, or a
-  reflection with repeated singular values).
-* The SVD runs in float64 (float32 on MPS, which has none).
+* An SVD's backward divides by s_i^2 - s_j^2, which is 0/0 = NaN when singular values
+  repeat - and the identity has all three equal. The projection itself is smooth there, so
+  :func:`so3_projection` uses its own backward, derived for P directly (P^T M symmetric):
+  the only denominators are s_i + s_j (pairs with the same sign in P = U diag(1, 1, +-1) V^T)
+  and s_j - s_i (pairs of opposite sign, where the projection is genuinely not
+  differentiable), the eigenvalues of Tr(P^T M) I - P^T M. Each 1/x is replaced by
+  x / (x^2 + eps^2), which is 1/x to relative error eps^2/x^2 and bounded by 1/(2 eps) near
+  x = 0 (rank-deficient matrices, or a reflection with repeated singular values).
+* The projection itself is computed without an SVD (whose convergence check reads a value
+  back on the host, a synchronisation per call on a GPU): Horn's quaternion method, the top
+  eigenvector of a 4 x 4 symmetric matrix by a fixed number of squarings. It equals the SVD's
+  U diag(1, 1, det(U V^T)) V^T to ~1e-12 (tests/test_inverseform_distances.py) and is exact
+  for diagonal matrices with a unique projection (the zero matrix included). Everything runs
+  in float64 (float32 on MPS, which has none; there the damped gradient of a nearly rank-1
+  matrix keeps few digits). A given ``theta`` is inverted with ``torch.linalg.solve``, which
+  checks for singularity on the host; the loss never passes one.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -105,40 +113,118 @@ def safe_arccos(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return _SafeArccos.apply(x, eps)
 
 
-def _det3(m: torch.Tensor) -> torch.Tensor:
-    """Determinant of ... x 3 x 3 matrices by cofactors (no LU, no host sync)."""
-    return (m[..., 0, 0] * (m[..., 1, 1] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 1])
-            - m[..., 0, 1] * (m[..., 1, 0] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 0])
-            + m[..., 0, 2] * (m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0]))
+# Rotations as unit quaternions q = (w, x, y, z): R(q)_ij = q^T B_ij q for symmetric 4 x 4 B_ij,
+# given below, row-major in ij, as the coefficients of q_a q_b in R(q)_ij.  Both R(q) and Horn's
+# matrix K(M) = sum_ij M_ij B_ij, with q^T K q = Tr(R(q)^T M), are one product with their table.
+_ROTATION_TERMS = (
+    {(0, 0): 1, (1, 1): 1, (2, 2): -1, (3, 3): -1}, {(1, 2): 2, (0, 3): -2}, {(1, 3): 2, (0, 2): 2},
+    {(1, 2): 2, (0, 3): 2}, {(0, 0): 1, (1, 1): -1, (2, 2): 1, (3, 3): -1}, {(2, 3): 2, (0, 1): -2},
+    {(1, 3): 2, (0, 2): -2}, {(2, 3): 2, (0, 1): 2}, {(0, 0): 1, (1, 1): -1, (2, 2): -1, (3, 3): 1},
+)
+# Squarings of the shifted K: the other eigenvectors fade as (1 - g)^(2^48) for a relative
+# eigengap g, converged for g > 1e-13, where an SVD's own error (~1e-16 / g) is already 1e-3.
+_SQUARINGS = 48
+
+
+@functools.lru_cache(maxsize=None)
+def _rotation_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """9 x 16: row 3 i + j holds B_ij flattened; one per dtype and device (copied there once:
+    a copy of host data to a GPU waits for it)."""
+    with torch.inference_mode(False):  # a normal tensor even when first made under inference mode
+        table = torch.zeros(9, 4, 4, dtype=torch.float64)
+        for row, terms in enumerate(_ROTATION_TERMS):
+            for (a, b), coefficient in terms.items():  # coefficient of q_a q_b, split over both halves
+                table[row, a, b] += coefficient / 2
+                table[row, b, a] += coefficient / 2
+        return table.reshape(9, 16).to(dtype=dtype, device=device)
+
+
+def _top_eigenvector(k: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Unit eigenvector of the largest eigenvalue l1 of symmetric ... x 4 x 4 ``k``, given a
+    ``shift`` with |l + shift| < l1 + shift for its other eigenvalues l: repeated squaring of
+    k + shift I (a fixed count: no data-dependent branch), renormalised every 4 squarings (no
+    under- or overflow), then its column with the largest diagonal entry."""
+    a = k + shift[..., None, None] * torch.eye(4, dtype=k.dtype, device=k.device)
+    tiny = torch.finfo(k.dtype).tiny
+    for step in range(_SQUARINGS):
+        if step % 4 == 0:
+            a = a / a.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(tiny)[..., None, None]
+        a = a @ a
+    column = a.diagonal(dim1=-2, dim2=-1).argmax(-1)
+    q = a.gather(-1, column[..., None, None].expand(*a.shape[:-1], 1)).squeeze(-1)
+    return q / torch.linalg.vector_norm(q, dim=-1, keepdim=True)
+
+
+def _nearest_rotation(m: torch.Tensor) -> torch.Tensor:
+    """argmax over SO(3) of Tr(R^T M) = U diag(1, 1, det(U V^T)) V^T, by Horn's quaternion method:
+    R(q) for q the top eigenvector of K(M), whose eigenvalues are +-s1 +-s2 +-s3 (s the singular
+    values, signed by det M) so that s1 + s2 + s3 wins by 2 (s2 + s3): unique wherever the
+    projection is.  Device-side arithmetic only (an SVD checks its convergence on the host)."""
+    table = _rotation_table(m.dtype, m.device)
+    k = (m.flatten(-2) @ table).unflatten(-1, (4, 4))
+    # l1 dominates when shift > -(l1 + l4) / 2 = -s3 sign(det M), l4 = -s1 - s2 + s3 sign(det M) the
+    # smallest eigenvalue: ||M||_F >= s3 (the clamp keeps the zero matrix's K + shift I = shift I)
+    shift = torch.linalg.matrix_norm(m).clamp_min(torch.finfo(m.dtype).tiny)
+    q = _top_eigenvector(k, shift)
+    return ((q.unsqueeze(-1) * q.unsqueeze(-2)).flatten(-2) @ table.mT).unflatten(-1, (3, 3))
+
+
+def _axial(x: torch.Tensor) -> torch.Tensor:
+    """(X_21 - X_12, X_02 - X_20, X_10 - X_01): <X, [w]_x> = w . axial(X)."""
+    return torch.stack([x[..., 2, 1] - x[..., 1, 2], x[..., 0, 2] - x[..., 2, 0], x[..., 1, 0] - x[..., 0, 1]], -1)
+
+
+def _cross_matrix(w: torch.Tensor) -> torch.Tensor:
+    """[w]_x, the skew matrix with [w]_x v = w x v."""
+    zero = torch.zeros_like(w[..., 0])
+    return torch.stack([torch.stack([zero, -w[..., 2], w[..., 1]], -1),
+                        torch.stack([w[..., 2], zero, -w[..., 0]], -1),
+                        torch.stack([-w[..., 1], w[..., 0], zero], -1)], -2)
+
+
+def _damped_solve(a: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """f(A) v for symmetric positive semi-definite ... x 3 x 3 ``a``, f(x) = x / (x^2 + eps^2) on
+    its eigenvalues: the real part of (A - i eps I)^-1 v, from the adjugate and the determinant of
+    A - t I at t = i eps (adj = adj A + t (A - Tr A I) + t^2 I, det = det A - t c2 + t^2 Tr A - t^3,
+    c2 = Tr adj A).  Closed form (no pivot checked on the host), and better conditioned than a
+    solve with A^2 + eps^2 I.  Computed for A / Tr A (and eps / Tr A): no under- or overflow."""
+    scale = a.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(eps)[..., None, None]
+    a, eps = a / scale, eps / scale[..., 0]
+    eye = torch.eye(3, dtype=a.dtype, device=a.device)
+    adj = torch.stack([torch.linalg.cross(a[..., 1, :], a[..., 2, :]), torch.linalg.cross(a[..., 2, :], a[..., 0, :]),
+                       torch.linalg.cross(a[..., 0, :], a[..., 1, :])], -1)   # columns: cofactors of the rows
+    trace = a.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    det = (a[..., 0, :] * adj[..., :, 0]).sum(-1, keepdim=True)
+    c2 = adj.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    column = v.unsqueeze(-1)
+    real = ((adj - eps[..., None] ** 2 * eye) @ column).squeeze(-1)         # adj(A - i eps I) v = real + i imag
+    imag = eps * ((a - trace[..., None] * eye) @ column).squeeze(-1)
+    det_re, det_im = det - eps ** 2 * trace, eps * (eps ** 2 - c2)
+    return (real * det_re + imag * det_im) / ((det_re ** 2 + det_im ** 2) * scale[..., 0])
 
 
 class _SO3Projection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, m, eps):
-        u, s, vh = torch.linalg.svd(m)
-        # det(U V^T) = det(U) det(V); flip the axis of the smallest singular value if < 0.
-        det_sign = torch.where(_det3(u) * _det3(vh) < 0, -1.0, 1.0).to(m.dtype)
-        d = torch.cat([torch.ones_like(s[..., :2]), det_sign.unsqueeze(-1)], dim=-1)
-        p = u @ (d.unsqueeze(-1) * vh)
-        ctx.save_for_backward(u, s, vh, d)
+        p = _nearest_rotation(m)
+        ctx.save_for_backward(m, p)
         ctx.eps = eps
         return p
 
     @staticmethod
     def backward(ctx, grad_p):
-        # With U^T dM V = K, dP = U X V^T where, for i != j and sigma = d_i d_j,
-        #   X_ij = d_j (K_ij - sigma K_ji) / (s_j + sigma s_i),  X_ii = 0.
-        # Pulling back <G, dP>: W_ij = (U^T G V)_ij d_j / (s_j + sigma s_i),
-        #   dL/dK = W - sigma * W^T,  dL/dM = U (dL/dK) V^T.
-        u, s, vh, d = ctx.saved_tensors
-        g_hat = u.mT @ grad_p @ vh.mT
-        sigma = d.unsqueeze(-1) * d.unsqueeze(-2)
-        denom = s.unsqueeze(-2) + sigma * s.unsqueeze(-1)
-        inv = denom / (denom * denom + ctx.eps ** 2)
-        off_diagonal = 1.0 - torch.eye(3, dtype=s.dtype, device=s.device)
-        w = g_hat * d.unsqueeze(-2) * inv * off_diagonal
-        dk = w - sigma * w.mT
-        return u @ dk @ vh, None
+        # P^T M = H is symmetric at the optimum.  With dP = P [w]_x, differentiating H = H^T gives
+        # H [w]_x + [w]_x H = [A w]_x = [axial(P^T dM)]_x, A = Tr(H) I - H, whose eigenvalues are
+        # the sums of pairs of the signed singular values (s_i + s_j, or s_i - s_3 when P reflects
+        # the smallest axis).  Pulling back <G, dP> = w . axial(P^T G): dL/dM = P [A^-1 axial(P^T G)]_x,
+        # with A^-1 replaced by f(A), f(x) = x / (x^2 + eps^2) (A is positive semi-definite).
+        m, p = ctx.saved_tensors
+        h = p.mT @ m
+        h = (h + h.mT) / 2
+        eye = torch.eye(3, dtype=m.dtype, device=m.device)
+        a = h.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] * eye - h
+        w = _damped_solve(a, _axial(p.mT @ grad_p), ctx.eps)
+        return p @ _cross_matrix(w), None
 
 
 def so3_projection(m: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

@@ -24,7 +24,31 @@ def resize_for_tiling(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         raise ValueError(f"expected N x C x H x W maps, got shape {tuple(x.shape)}")
     if tuple(x.shape[-2:]) == tuple(size):
         return x
+    if x.is_cuda and torch.is_grad_enabled() and x.requires_grad and torch.are_deterministic_algorithms_enabled():
+        return _DeterministicResize.apply(x, tuple(size))  # CUDA's own backward is refused there
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class _DeterministicResize(torch.autograd.Function):
+    """:func:`resize_for_tiling` with a deterministic backward (two matrix products with the
+    interpolation weights instead of the CUDA kernel's atomic adds); the same forward."""
+
+    @staticmethod
+    def forward(ctx, x, size):
+        ctx.in_size = tuple(x.shape[-2:])
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, cols = (_linear_weights(n, m, grad.device) for n, m in zip(ctx.in_size, grad.shape[-2:]))
+        along_width = torch.matmul(grad.float(), cols.t())  # 2-D right operands: the batch folds into one product
+        return torch.matmul(along_width.transpose(-1, -2), rows.t()).transpose(-1, -2).to(grad.dtype), None
+
+
+def _linear_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """n_in x n_out weights of 1-D linear interpolation (align_corners=False), PyTorch's own."""
+    eye = torch.eye(n_in, device=device).unsqueeze(0)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0]
 
 
 def image_to_tiles(x: torch.Tensor, tile_size: int) -> torch.Tensor:

@@ -89,10 +89,11 @@ def _check_params(dev: torch.Tensor, kind: str) -> None:
 def params_to_matrix(dev: torch.Tensor, kind: str) -> torch.Tensor:
     """N x P deviations from identity -> N x 3 x 3 matrices (differentiable)."""
     _check_params(dev, kind)
-    n = dev.shape[0]
-    index = torch.tensor(_KIND_ENTRIES[kind], device=dev.device)
-    eye = torch.eye(3, dtype=dev.dtype, device=dev.device).reshape(1, 9).expand(n, 9)
-    return eye.index_add(1, index, dev).reshape(n, 3, 3)
+    # the nine entries stacked (no index tensor: host data would be a blocking copy to the device)
+    deviation = dict(zip(_KIND_ENTRIES[kind], dev.unbind(1)))
+    zero = dev.new_zeros(()).expand(dev.shape[0])
+    entries = [deviation.get(k, zero) + 1.0 if k in (0, 4, 8) else deviation.get(k, zero) for k in range(9)]
+    return torch.stack(entries, 1).reshape(-1, 3, 3)
 
 
 def matrix_to_params(matrices: torch.Tensor, kind: str) -> torch.Tensor:

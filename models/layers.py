@@ -8,7 +8,8 @@ from typing import Sequence, Tuple
 
 import torch
 from torch import nn
-import torch.nn.functional as F
+
+from utils.determinism import interpolate_bilinear
 
 BN_MOMENTUM = 0.1
 
@@ -33,8 +34,9 @@ def conv1x1(in_ch: int, out_ch: int, bias: bool = True) -> nn.Conv2d:
 
 
 def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize of an N x C x H x W tensor to ``size`` = (H', W')."""
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    """Bilinear resize of an N x C x H x W tensor to ``size`` = (H', W') (with a deterministic
+    backward under ``--deterministic``, utils/determinism.py)."""
+    return interpolate_bilinear(x, size=tuple(size), align_corners=False)
 
 
 def resize_as(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

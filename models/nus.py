@@ -27,7 +27,7 @@ uniform grid has its corners at 0 and 1 (align-corners).
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from .layers import resize_to
 from .mobilenetv2 import MobileNetV2
 from utils.errors import InvalidInputError
 
@@ -78,7 +79,7 @@ class DeepLabV3MobileNetV2(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         logits = self.head(self.backbone(images))
-        return {"pred": F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)}
+        return {"pred": resize_to(logits, images.shape[-2:])}
 
 
 def uniform_grid(size: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
@@ -177,9 +178,11 @@ def _cell_triangles(flip: torch.Tensor) -> torch.Tensor:
     holds its top edge, the second its bottom edge."""
     n, h1, w1 = flip.shape
     w = w1 + 1
-    corner = torch.arange(n * (h1 + 1) * w, device=flip.device).view(n, h1 + 1, w)[:, :-1, :-1]
-    offsets = torch.tensor([[0, 1, w + 1, 0, w + 1, w], [0, 1, w, 1, w + 1, w]], device=flip.device)
-    return (offsets.index_select(0, flip.reshape(-1).long()) + corner.reshape(-1, 1)).view(-1, 2, 3)
+    corner = torch.arange(n * (h1 + 1) * w, device=flip.device).view(n, h1 + 1, w)[:, :-1, :-1].reshape(-1)
+    f = flip.reshape(-1).long()
+    # offsets (0, 1, w + 1, 0, w + 1, w) unflipped, (0, 1, w, 1, w + 1, w) flipped
+    vertices = [corner, corner + 1, corner + (w + 1) - f, corner + f, corner + (w + 1), corner + w]
+    return torch.stack(vertices, 1).view(-1, 2, 3)
 
 
 def _affine_weights(v: torch.Tensor) -> torch.Tensor:
@@ -214,9 +217,9 @@ def _rasterise(points: torch.Tensor, cells: torch.Tensor, height: int,
     corners = torch.cat([flat[cells[:, 0]], flat[cells[:, 1]]], 1)
     lo = torch.ceil(corners.amin(1) - 1e-4).long()
     hi = torch.floor(corners.amax(1) + 1e-4).long()
-    limit = torch.tensor([height - 1, width - 1], device=device)
-    lo = torch.minimum(lo.clamp_min(0), limit)
-    hi = torch.minimum(hi, limit)
+    limit = (height - 1, width - 1)  # per column of (row, col): no host data copied to the device
+    lo = torch.stack([lo[:, i].clamp(0, limit[i]) for i in range(2)], 1)
+    hi = torch.stack([hi[:, i].clamp(max=limit[i]) for i in range(2)], 1)
     extent = (hi - lo + 1).clamp_min(0)
     counts = extent[:, 0] * extent[:, 1]
     image_base = cells[:, 0, 0] // (points.shape[1] * points.shape[2]) * (height * width)
@@ -262,16 +265,17 @@ def _triangle_corners(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
 
 
 def _plane_coefficients(rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tensor, height: int,
-                        width: int) -> Tuple[torch.Tensor, bool]:
+                        width: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per triangle, its barycentric weights as planes over the image: coef (3 x T x 3, float32)
     with the weight of vertex k at pixel (r, c) equal to ``coef[0, t, k] + coef[1, t, k] * r'
     + coef[2, t, k] * c'`` in centred coordinates (r' = r - (H - 1) / 2, c' likewise: half the
     magnitude, so float32 keeps ~1e-5).  Degenerate (zero-area) triangles get 1/3 each.
-    Also whether the grid folds over (some triangle turned the other way round)."""
+    Also whether the grid folds over (some triangle turned the other way round), a 0-dim bool
+    tensor (read on the host with the scanlines' size)."""
     r, c = _triangle_corners(rows, flip), _triangle_corners(cols, flip)  # 3 x T, float64
     e1r, e1c, e2r, e2c = r[1] - r[0], c[1] - c[0], r[2] - r[0], c[2] - c[0]
     area = e1r * e2c - e1c * e2r  # negative for every triangle of an unfolded grid
-    folded = bool((area > 1e-9).any())
+    folded = (area > 1e-9).any()
     ok = area.abs() > 1e-9
     inv = torch.where(ok, area, torch.ones_like(area)).reciprocal() * ok
     e1r, e1c, e2r, e2c, inv = (v.float() for v in (e1r, e1c, e2r, e2c, inv))
@@ -311,18 +315,23 @@ def _host_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return _host_empty(shape, dtype, device).zero_()
 
 
-def _pixel_triangles(rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tensor, height: int,
-                     width: int) -> torch.Tensor:
-    """Scanline rasterisation of an unfolded grid: for every output pixel (N*H*W, int32) the id
-    + 1 of the triangle that holds it, without per-pixel candidate lists.
+class _Edges(NamedTuple):
+    """Per grid edge, what the scanlines need: its image, its top end (row, and column there),
+    its slope (columns per row), the first pixel row crossing it and how many do, and the change
+    of triangle id + 1 when it is crossed left to right."""
+    image: torch.Tensor
+    top: torch.Tensor
+    x_top: torch.Tensor
+    slope: torch.Tensor
+    first_row: torch.Tensor
+    count: torch.Tensor
+    delta: torch.Tensor
 
-    Every grid edge is crossed by the pixel rows it spans (rows y with top <= y < bottom, the
-    last image row included, at x = its column there).  Crossing it left to right enters the
-    triangle on its right and leaves the one on its left, known from the grid's topology and
-    the edge's direction; the difference of their ids is added at pixel ``ceil(x)`` and a
-    cumulative sum along each row yields the triangle of every pixel (a pixel on an edge
-    belongs to its right side).  The top and bottom borders are never crossed, the right border
-    and whatever lies on it is never entered."""
+
+def _grid_edges(rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tensor, height: int) -> _Edges:
+    """The edges of a grid (N x h x w rows and columns in output pixels) for
+    :func:`_pixel_triangles`: every edge is crossed by the pixel rows it spans (rows y with
+    top <= y < bottom, the last image row included, at x = its column there)."""
     n, h, w = rows.shape
     device = rows.device
     vid = torch.arange(n * h * w, device=device).view(n, h, w)
@@ -348,22 +357,35 @@ def _pixel_triangles(rows: torch.Tensor, cols: torch.Tensor, flip: torch.Tensor,
     first_row = torch.ceil(top)
     end_row = torch.where(bottom >= height - 1, torch.full_like(bottom, height), torch.ceil(bottom))
     count = ((end_row - first_row) * (dr != 0)).clamp_min_(0).long()
-    offset = torch.cumsum(count, 0)
-    total = int(offset[-1])
-    offset -= count
+    return _Edges(p // (h * w), top, torch.where(down, cp, cq), slope, first_row, count, delta)
+
+
+def _pixel_triangles(edges: _Edges, total: int, n: int, height: int, width: int) -> torch.Tensor:
+    """Scanline rasterisation of an unfolded grid: for every output pixel (N*H*W, int32) the id
+    + 1 of the triangle that holds it, without per-pixel candidate lists.  ``edges`` from
+    :func:`_grid_edges`, ``total`` their crossings (``edges.count`` summed, read on the host: it
+    sizes the list of crossings).
+
+    Crossing an edge left to right enters the triangle on its right and leaves the one on its
+    left, known from the grid's topology and the edge's direction; the difference of their ids
+    is added at pixel ``ceil(x)`` and a cumulative sum along each row yields the triangle of
+    every pixel (a pixel on an edge belongs to its right side).  The top and bottom borders are
+    never crossed, the right border and whatever lies on it is never entered."""
+    device = edges.count.device
+    offset = torch.cumsum(edges.count, 0) - edges.count
     # Per-crossing arithmetic in int32 where it fits: CPUs convert int32 <-> float64 in vector
     # registers but int64 <-> float64 one element at a time (3x slower here).
     index_dtype = torch.int32 if max(total + n * height, n * height * width) < _INT32_LIMIT else torch.int64
     # Crossing k (global index; row first_row[e] + k - offset[e] of edge e) lies at
     # x = ctop + (row - top) * slope = x0[e] + k * slope[e].
-    x0 = torch.addcmul(torch.where(down, cp, cq), first_row - top - offset, slope)
-    row0 = ((p // (h * w)) * height + first_row.long() - offset).to(index_dtype)  # + k: the crossing's image row
-    edge = torch.repeat_interleave(count.to(index_dtype), output_size=total)
+    x0 = torch.addcmul(edges.x_top, edges.first_row - edges.top - offset, edges.slope)
+    row0 = (edges.image * height + edges.first_row.long() - offset).to(index_dtype)  # + k: the crossing's image row
+    edge = torch.repeat_interleave(edges.count.to(index_dtype), output_size=total)
     k = torch.arange(total, device=device, dtype=index_dtype)
-    x = x0.index_select(0, edge).addcmul_(k.double(), slope.index_select(0, edge))
+    x = x0.index_select(0, edge).addcmul_(k.double(), edges.slope.index_select(0, edge))
     right_border = x >= width - 1  # nothing is entered there (only zero-width triangles lie beyond)
     pixel = row0.index_select(0, edge).add_(k).mul_(width).add_(x.ceil_().clamp_(0, width - 1).to(index_dtype))
-    step = delta.index_select(0, edge).masked_fill_(right_border, 0)
+    step = edges.delta.index_select(0, edge).masked_fill_(right_border, 0)
     marks = _host_zeros(n * height * width, torch.int32, device)
     marks.index_add_(0, pixel, step)
     owner = _host_empty((n * height, width), torch.int32, device)
@@ -418,6 +440,11 @@ def unsample(logits: torch.Tensor, locations: torch.Tensor, out_size: Sequence[i
     slopes; one small embedding_bag); per pixel, its triangle by scanline rasterisation
     (:func:`_pixel_triangles`); then one embedding_bag of 3 rows weighted (1, row, col) per pixel.
     A grid that folds over falls back to per-cell candidate pixels (:func:`_rasterise`).
+
+    Host synchronisations: two on a grid that does not fold, one reading whether it folds with
+    the number of scanline crossings (data-dependent: it sizes them), one reading whether every
+    pixel found its triangle; a folded grid's fallback reads 3 or 4 more (the sizes of its
+    candidate lists, whether a pixel is left without a triangle).
     """
     if logits.dim() != 4 or locations.dim() != 4 or locations.shape[-1] != 2:
         raise ValueError(f"unsample expects logits N x C x h x w and locations N x h x w x 2, got "
@@ -437,12 +464,15 @@ def unsample(logits: torch.Tensor, locations: torch.Tensor, out_size: Sequence[i
         flip = _delaunay_flip(rows, cols)
         triangles = _cell_triangles(flip).view(-1, 3)
         coef, folded = _plane_coefficients(rows, cols, flip, height, width)
+        edges = _grid_edges(rows, cols, flip, height)
+        # host read 1 of 2: whether the grid folds over, and the scanlines' size
+        folded, total = torch.stack([folded.long(), edges.count.sum()]).tolist()
     num_tri = triangles.shape[0]
     if not folded:
         with torch.no_grad(), record_function("unsample/rasterise"):
-            owner = _pixel_triangles(rows, cols, flip, height, width)
+            owner = _pixel_triangles(edges, total, n, height, width)
             lo, hi = torch.aminmax(owner)
-            folded = bool(lo < 1) or bool(hi > num_tri)  # a grid degenerate enough to defeat the scanlines
+            folded = bool((lo < 1) | (hi > num_tri))  # read 2: a grid degenerate enough to defeat the scanlines
     if folded:
         with torch.no_grad(), record_function("unsample/rasterise_candidates"):
             vertices, weights = _rasterise(torch.stack([rows, cols], -1), triangles.view(-1, 2, 3), height, width)

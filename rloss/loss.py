@@ -28,6 +28,30 @@ def _fp32_region(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def _resize(seg: torch.Tensor, scale: float) -> torch.Tensor:
+    """Bilinear resize by ``scale``; on CUDA under ``torch.use_deterministic_algorithms`` with a
+    deterministic backward (CUDA's own, with atomic adds, is refused there)."""
+    if seg.is_cuda and torch.is_grad_enabled() and seg.requires_grad and torch.are_deterministic_algorithms_enabled():
+        return _DeterministicResize.apply(seg, scale)
+    return F.interpolate(seg, scale_factor=scale, mode="bilinear", align_corners=False)
+
+
+class _DeterministicResize(torch.autograd.Function):
+    """:func:`_resize`'s forward; backward two matrix products with the interpolation weights."""
+
+    @staticmethod
+    def forward(ctx, seg, scale):
+        ctx.in_size, ctx.scale = tuple(seg.shape[-2:]), scale
+        return F.interpolate(seg, scale_factor=scale, mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, cols = (F.interpolate(torch.eye(n, device=grad.device)[None], scale_factor=ctx.scale, mode="linear",
+                                    align_corners=False)[0] for n in ctx.in_size)  # n_in x n_out, PyTorch's weights
+        along_width = torch.matmul(grad.float(), cols.t())  # 2-D right operands: the batch folds into one product
+        return torch.matmul(along_width.transpose(-1, -2), rows.t()).transpose(-1, -2).to(grad.dtype), None
+
+
 class _DenseCRFFunction(torch.autograd.Function):
     """Forward: -(1/N) sum <S~, A S~>; backward: -2 A S~ / N * roi (the reference's)."""
 
@@ -73,7 +97,7 @@ def densecrf_loss(image: torch.Tensor, segmentation: torch.Tensor, roi: torch.Te
         roi = roi.detach().float()
         if scale_factor != 1:
             image = F.interpolate(image, scale_factor=scale_factor)
-            seg = F.interpolate(seg, scale_factor=scale_factor, mode="bilinear", align_corners=False)
+            seg = _resize(seg, scale_factor)
             roi = F.interpolate(roi[:, None], scale_factor=scale_factor)[:, 0]
         value = _DenseCRFFunction.apply(image, seg, roi, float(sigma_rgb), float(sigma_xy) * scale_factor, kernel)
         return weight * value

@@ -1,7 +1,8 @@
 """experiment.acceleration and experiment.background, and evaluate()'s batched device metrics:
-channels_last chosen by device and output-preserving, torch.compile wrapping (cheap 'eager'
-backend) with plain checkpoint keys, padded fixed-shape eval batches, CUDA-only config
-overrides, evaluation autocast, the background writer, and evaluate() == the numpy oracle."""
+channels_last chosen by device and output-preserving (infer and NUS included), torch.compile
+wrapping (cheap 'eager' backend) with plain checkpoint keys, padded fixed-shape eval batches,
+CUDA-only config overrides, one evaluation autocast for every entry point (best.pth chosen on
+a standalone validation's numbers), the background writer, and evaluate() == the numpy oracle."""
 import shutil
 import threading
 import time
@@ -267,3 +268,174 @@ def test_resume_with_persistent_workers_matches_an_in_process_run(tiny_cityscape
     _, resumed = train(config(tiny_cityscapes, tmp_path / "b", regressor, **workers), ctx, resume=True)
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+# ----------------------------------------------------------------------------- one evaluation precision
+def test_evaluation_amp_is_val_amp_for_the_models_arch(monkeypatch):
+    from test_experiment_train import config
+
+    cfg = config("data", "out", "regressor", **{"train.amp": "bf16", "val.amp": "auto"})
+    assert acc.evaluation_amp(cfg, torch.device("cpu")) is None
+    assert acc.evaluation_amp(cfg, torch.device("cuda")) is None  # fp32 on CUDA: bf16 was measured slower
+    monkeypatch.setitem(acc.EVAL_BF16_AUTO, cfg.model.arch, True)
+    assert acc.evaluation_amp(cfg, torch.device("cuda")) == torch.bfloat16
+    cfg.val.amp = "off"
+    assert acc.evaluation_amp(cfg, torch.device("cuda")) is None
+
+
+class AutocastRecorder(nn.Module):
+    """A 1x1 segmenter with an edge output that records the autocast dtype (None: off) of each forward."""
+    hrnet_base = 16
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.seg, self.edge = nn.Conv2d(3, 19, 1), nn.Conv2d(3, 1, 1)
+        self.seen = set()
+
+    def forward(self, x):
+        self.seen.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return {"pred": self.seg(x), "edge_prob": torch.sigmoid(self.edge(x))}
+
+
+def evaluated_in_training(cfg, ctx, net, tiny_cityscapes, tmp_path, monkeypatch):
+    from experiment.methods.segmentation import build_task
+    from experiment.runtime import Rank0Writer
+
+    build_task(cfg, ctx).evaluate(net, 0, False, Rank0Writer("", False))
+
+
+def evaluated_standalone(cfg, ctx, net, tiny_cityscapes, tmp_path, monkeypatch):
+    from experiment import validation
+
+    monkeypatch.setattr(validation, "load_model", lambda *args: net)
+    cfg.output_dir = str(tmp_path / "validation")
+    validation.validate(cfg, "model.pth", ctx, state={})
+
+
+def evaluated_by_infer(cfg, ctx, net, tiny_cityscapes, tmp_path, monkeypatch):
+    import glob
+
+    from experiment import infer
+
+    monkeypatch.setattr(infer, "load_model", lambda *args: net)
+    cfg.output_dir = str(tmp_path / "infer")
+    image = sorted(glob.glob(f"{tiny_cityscapes}/leftImg8bit/val/*/*.png"))[0]
+    infer.run_inference(cfg, "model.pth", image, ctx, progress=False, state={})
+
+
+def evaluated_by_nus(cfg, ctx, net, tiny_cityscapes, tmp_path, monkeypatch):
+    from experiment.methods.nus import NUSExperimentConfig, seg_task_builder
+    from experiment.runtime import Rank0Writer
+    from test_nus_experiment import TINY
+    from utils.config import load_config
+
+    nus = load_config(NUSExperimentConfig, ["configs/synthetic_nus.yaml"],
+                      TINY + [f"data.dataset_dir={tiny_cityscapes}", f"train.amp={cfg.train.amp}",
+                              f"val.amp={cfg.val.amp}", "val.max_images=2"])
+    seg_task_builder(None, (16, 16))(nus, ctx).evaluate(net, 0, False, Rank0Writer("", False))
+
+
+@pytest.mark.parametrize("amps, expected", [(("bf16", "off"), None), (("off", "bf16"), torch.bfloat16)],
+                         ids=["train-bf16", "val-bf16"])
+@pytest.mark.parametrize("entry", [evaluated_in_training, evaluated_standalone, evaluated_by_infer, evaluated_by_nus],
+                         ids=["in-training", "validation", "infer", "nus"])
+def test_every_evaluation_autocasts_by_val_amp_never_train_amp(entry, amps, expected, tiny_cityscapes, regressor,
+                                                               tmp_path, ctx, monkeypatch):
+    from test_experiment_train import config
+
+    cfg = config(tiny_cityscapes, tmp_path / "run", regressor, **{"train.amp": amps[0], "val.amp": amps[1],
+                                                                   "val.max_images": 2,
+                                                                   "data.class_uniform_fraction": 0.0})
+    net = AutocastRecorder()
+    entry(cfg, ctx, net, tiny_cityscapes, tmp_path, monkeypatch)
+    assert net.seen == {expected}
+
+
+def test_best_pth_is_chosen_on_the_numbers_a_standalone_validation_gives(tiny_cityscapes, regressor, tmp_path, ctx,
+                                                                         capsys):
+    """Trained in bf16 (train.amp), validated by val.amp (auto: fp32 here) both in training and
+    by experiment.validation of best.pth: the same numbers."""
+    import json
+
+    from experiment import validation
+    from experiment.checkpoints import load_training_checkpoint
+    from experiment.methods import train
+    from test_experiment_train import config
+
+    run = tmp_path / "run"
+    # class-uniform sampling off: it would write its centroid cache into the shared read-only fixture
+    train(config(tiny_cityscapes, run, regressor, **{"train.amp": "bf16", "train.max_iters": 3,
+                                                     "data.class_uniform_fraction": 0.0}), ctx)
+    chosen = load_training_checkpoint(str(run / "best.pth"))["metrics"]
+    validation.main(["--model_path", str(run / "best.pth"), "--dataset_dir", tiny_cityscapes, "--inverseform_path",
+                     str(regressor), "--opt", "loss.inverseform_tile_factor=1", "--batch_size", "2", "--num_workers",
+                     "0", "--output_dir", str(tmp_path / "validation")])
+    standalone = json.loads((tmp_path / "validation" / "metrics.json").read_text())
+    keys = ("miou", "per_class_iou", "pixel_acc", "mba", "boundary_f", "boundary_iou", "edge_f", "val_loss",
+            "val_loss_parts", "num_images")
+    assert {k: standalone[k] for k in keys} == {k: chosen[k] for k in keys}
+
+
+# ----------------------------------------------------------------------------- channels_last everywhere
+def conv_weights(net):
+    return [m.weight for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+
+
+def all_channels_last(net):
+    """Whether every k x k convolution is in channels_last (a depthwise kernel, C x 1 x k x k, is in
+    both layouts, so a model in NCHW with depthwise kernels gives False only as a whole)."""
+    return all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(net))
+
+
+def test_infer_places_the_model_in_channels_last_where_the_device_asks(tmp_path, ctx, monkeypatch):
+    import cv2
+
+    from experiment import infer
+    from synthetic_weights import synthetic_state_dict
+    from utils.config import load_config
+
+    net = models.get_net("lighthrnet.HRNet16", has_edge=True)
+    net.load_state_dict(synthetic_state_dict(net.state_dict(), seed=11))
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "model.pth")
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(tmp_path / "image.png"), cv2.resize(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8), (160, 96)))
+    placed = []
+    load = infer.load_model
+    monkeypatch.setattr(infer, "load_model", lambda *args: placed.append(load(*args)) or placed[-1])
+    outputs = {}
+    for channels_last in (False, True):
+        monkeypatch.setattr(acc, "use_channels_last", lambda device, on=channels_last: on)
+        cfg = load_config(ExperimentConfig, [], [f"output_dir={tmp_path / str(channels_last)}", "model.has_edge=true",
+                                                 "model.arch=lighthrnet.HRNet16", "val.num_workers=0"])
+        infer.run_inference(cfg, str(tmp_path / "model.pth"), str(tmp_path / "image.png"), ctx, progress=False)
+        outputs[channels_last] = [cv2.imread(str(tmp_path / str(channels_last) / f"image_{kind}.png"),
+                                             cv2.IMREAD_UNCHANGED).astype(int) for kind in ("labelIds", "edge")]
+    assert all_channels_last(placed[1]) and not all_channels_last(placed[0])
+    (labels, edges), (labels_cl, edges_cl) = outputs[False], outputs[True]
+    assert (labels == labels_cl).mean() > 0.999 and np.abs(edges - edges_cl).max() <= 1
+
+
+def test_nus_places_its_nets_in_channels_last_where_the_device_asks(tiny_cityscapes, tmp_path, ctx, monkeypatch):
+    from experiment.comparisons import sampling
+    from experiment.methods import RunOptions
+    from experiment.methods.nus import NUSExperimentConfig, build_aux_net
+    from test_nus_experiment import TINY
+    from utils.config import load_config
+
+    def nus_config(out, *extra):
+        return load_config(NUSExperimentConfig, ["configs/synthetic_nus.yaml"],
+                           TINY + [f"output_dir={out}", f"data.dataset_dir={tiny_cityscapes}", *extra])
+
+    torch.save({"state_dict": build_aux_net(nus_config(tmp_path)).state_dict()}, tmp_path / "aux.pth")
+    results = {}
+    for channels_last in (False, True):
+        monkeypatch.setattr(acc, "use_channels_last", lambda device, on=channels_last: on)
+        cfg = nus_config(tmp_path / str(channels_last), f"nus.aux_checkpoint={tmp_path / 'aux.pth'}")
+        aux, _ = sampling._auxiliary_net(cfg, ctx, RunOptions(), [(16, 16)])
+        aux_layout = all_channels_last(aux)
+        seg, metrics = sampling._segmentation_run(cfg, ctx, RunOptions(), aux, (16, 16))
+        results[channels_last] = (aux_layout, all_channels_last(seg), metrics)
+    assert [results[False][:2], results[True][:2]] == [(False, False), (True, True)]
+    plain, nhwc = results[False][2], results[True][2]
+    assert nhwc["miou"] == pytest.approx(plain["miou"], abs=1e-3)

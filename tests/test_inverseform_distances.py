@@ -84,6 +84,69 @@ def test_projection_gradcheck():
     assert torch.autograd.gradcheck(lambda x: so3_projection(x, eps=1e-12), (m,))
 
 
+def _svd_projection(m):
+    """The definition: U diag(1, 1, det(U V^T)) V^T from an SVD."""
+    u, _, vh = torch.linalg.svd(m)
+    d = torch.sign(torch.linalg.det(u @ vh))
+    return u @ (torch.stack([torch.ones_like(d), torch.ones_like(d), d], -1).unsqueeze(-1) * vh)
+
+
+def _svd_guarded_gradient(m, grad_p, eps):
+    """The guarded backward written in the SVD's bases: with sigma = d_i d_j, W_ij = (U^T G V)_ij d_j
+    / (s_j + sigma s_i) (each 1/x as x / (x^2 + eps^2), W_ii = 0) and dL/dM = U (W - sigma W^T) V^T."""
+    u, s, vh = torch.linalg.svd(m)
+    det = torch.sign(torch.linalg.det(u @ vh))
+    d = torch.stack([torch.ones_like(det), torch.ones_like(det), det], -1)
+    sigma = d.unsqueeze(-1) * d.unsqueeze(-2)
+    denom = s.unsqueeze(-2) + sigma * s.unsqueeze(-1)
+    w = (u.mT @ grad_p @ vh.mT) * d.unsqueeze(-2) * denom / (denom * denom + eps ** 2) \
+        * (1.0 - torch.eye(3, dtype=m.dtype))
+    return u @ (w - sigma * w.mT) @ vh
+
+
+def _hard_matrices(n, g):
+    """Random 3 x 3 matrices of every kind a regressor's tile can give, degenerate ones included."""
+    eye = torch.eye(3, dtype=torch.float64)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    scale_shift = eye.repeat(n, 1, 1)
+    scale_shift[:, [0, 1], [0, 1]] += 0.5 * r(n, 2)
+    scale_shift[:, [0, 1], [2, 2]] = r(n, 2)
+    return {
+        "random": r(n, 3, 3), "near identity": eye + 0.05 * r(n, 3, 3), "nearer identity": eye + 1e-7 * r(n, 3, 3),
+        "rank 2": r(n, 3, 2) @ r(n, 2, 3) + 1e-9 * r(n, 3, 3),
+        "reflected": torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)) @ (eye + 0.1 * r(n, 3, 3)),
+        "scale and shift": scale_shift, "tiny": 1e-6 * r(n, 3, 3), "large": 1e4 * r(n, 3, 3),
+        "exact": torch.stack([eye, 2 * eye, torch.zeros(3, 3, dtype=torch.float64),
+                              torch.diag(torch.tensor([1.0, 1e-9, 1e-9], dtype=torch.float64)),
+                              torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64)), _rotation_z(2.0)]),
+    }
+
+
+def test_projection_and_guarded_gradient_equal_the_svd_formulas():
+    """No SVD inside (its convergence check would read the device), the same values: the
+    projection to 1e-10 and the guarded gradient to 1e-9 of its size, per matrix.  Where two
+    singular values sum to far less than eps (the rank-1 diag(1, 1e-9, 1e-9)), the damped
+    gradient's slope 1 / eps^2 makes rounding count: 1e-7 there."""
+    g = torch.Generator().manual_seed(7)
+    for name, m in _hard_matrices(500, g).items():
+        torch.testing.assert_close(so3_projection(m), _svd_projection(m), atol=1e-10, rtol=0, msg=name)
+        weights = torch.randn(m.shape, generator=g, dtype=torch.float64)
+        for eps in (1e-4, 1e-12):
+            x = m.clone().requires_grad_(True)
+            (so3_projection(x, eps=eps) * weights).sum().backward()
+            expected = _svd_guarded_gradient(m, weights, eps)
+            size = expected.abs().amax((-2, -1), keepdim=True)
+            tolerance = 1e-7 if name == "exact" else 1e-9
+            assert ((x.grad - expected).abs() <= tolerance * size).all(), (name, eps)
+
+
+def test_projection_is_exact_for_the_zero_and_positive_diagonal_matrices():
+    eye = torch.eye(3, dtype=torch.float64)
+    for m in (torch.zeros(3, 3, dtype=torch.float64), torch.diag(torch.tensor([2.0, 1e-9, 1e-9], dtype=torch.float64)),
+              0.5 * eye):
+        assert torch.equal(so3_projection(m), eye)
+
+
 def _geodesic_grad(m, **kwargs):
     x = m.clone().requires_grad_(True)
     geodesic_distance(x, **kwargs).sum().backward()

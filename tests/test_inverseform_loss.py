@@ -20,6 +20,7 @@ from inverseform import (
     image_to_tiles,
     tiles_to_image,
 )
+from sync_check import assert_no_host_sync
 
 RTOL = 1e-5
 
@@ -409,29 +410,24 @@ def test_bad_inputs_raise_value_errors(small_net):
         InverseFormLoss(nn.Linear(2, 2))
 
 
-def test_no_host_synchronisation_without_input_checks(small_net, monkeypatch):
-    """With check_inputs=False nothing converts a tensor to a Python value."""
+def test_no_host_synchronisation_without_input_checks(small_net):
+    """With check_inputs=False nothing reads a tensor on the host, in Python or inside an
+    operator (an SVD's convergence check, a size that depends on the data)."""
     seg_logits, edge_logits, seg_target, edge_target = make_batch(2, seed=80)
     criterion = JointEdgeSegLoss(num_classes=5, inverseform=InverseFormLoss(small_net, distance="geodesic"),
                                  check_inputs=False)
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("host synchronisation inside the loss")
-
-    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, forbidden)
     s = seg_logits.clone().requires_grad_(True)
     e = edge_logits.clone().requires_grad_(True)
-    total, _ = criterion(s, e, seg_target, edge_target)
-    total.backward()
-    monkeypatch.undo()
+    with assert_no_host_sync():
+        total, _ = criterion(s, e, seg_target, edge_target)
+        total.backward()
     assert torch.isfinite(total) and s.grad is not None
 
 
 def test_package_imports_nothing_of_ours():
     root = pathlib.Path(inverseform.__file__).parent
-    allowed = {"torch", "__future__", "contextlib", "hashlib", "io", "json", "math", "os", "re", "tempfile", "pathlib",
-               "typing"}
+    allowed = {"torch", "__future__", "contextlib", "functools", "hashlib", "io", "json", "math", "os", "re",
+               "tempfile", "pathlib", "typing"}
     for path in root.glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):

@@ -49,6 +49,7 @@ import cv2
 import numpy as np
 import torch
 
+from utils.determinism import replacing
 from utils.errors import InvalidInputError
 
 
@@ -64,14 +65,21 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     return class_histogram(index, num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+def histogram_method(device: torch.device) -> str:
+    """The default of :func:`class_histogram`: 'scatter' on the CPU and wherever ``histc`` has no
+    deterministic kernel and deterministic algorithms are on (CUDA, utils/determinism.py),
+    else 'histc'."""
+    return "scatter" if torch.device(device).type == "cpu" or replacing(device) else "histc"
+
+
 def class_histogram(label: torch.Tensor, num_classes: int, method: Optional[str] = None) -> torch.Tensor:
     """Counts of the values 0..C-1 of ``label`` (values outside are dropped), as int64 on its
     device, without a host synchronisation (boolean indexing and ``bincount`` make CUDA wait
-    for the host to learn a size).  ``method``: 'scatter' (default on the CPU) or 'histc'
-    (default elsewhere: block-local histograms, where a scatter-add would pile millions of
-    atomic adds onto the few bins of the frequent classes); both exact."""
+    for the host to learn a size).  ``method``: 'scatter' or 'histc' (block-local histograms,
+    where a scatter-add would pile millions of atomic adds onto the few bins of the frequent
+    classes); both exact; default :func:`histogram_method`."""
     index = label.reshape(-1)
-    method = method or ("scatter" if index.device.type == "cpu" else "histc")
+    method = method or histogram_method(index.device)
     if method == "scatter":
         index = index.long()
         index = torch.where((index >= 0) & (index < num_classes), index, num_classes)
@@ -516,11 +524,22 @@ def edge_f_counts(prob: np.ndarray, target: np.ndarray, tolerance: int = 2) -> n
     return counts
 
 
-def edge_f_counts_batch(prob: torch.Tensor, target: torch.Tensor, tolerance: int = 2) -> torch.Tensor:
+def _level_histogram(levels: torch.Tensor, bins: int, host: bool) -> torch.Tensor:
+    """Counts of the values 0..bins-1 of a uint8 map (all below ``bins``): ``bincount`` on the host
+    (the fastest there; on a GPU its length would wait for the data's maximum), else the
+    fixed-size :func:`class_histogram`."""
+    if host:
+        return torch.bincount(levels.flatten(), minlength=bins)
+    return class_histogram(levels, bins)
+
+
+def edge_f_counts_batch(prob: torch.Tensor, target: torch.Tensor, tolerance: int = 2, *,
+                        host: Optional[bool] = None) -> torch.Tensor:
     """:func:`edge_f_counts` summed over a batch (B x H x W edge probabilities and {0, 1} targets),
     on their device, without a threshold loop: a pixel is an edge at every level up to its own,
     and a target pixel is matched at every level up to the highest level in its disk (one grey
-    dilation of the levels), so two histograms of the levels give all the counts."""
+    dilation of the levels), so two histograms of the levels give all the counts.  ``host``:
+    count with ``bincount`` (default: for CPU tensors only); otherwise no host synchronisation."""
     if prob.shape != target.shape or prob.dim() != 3:
         raise ValueError(f"edge_f_counts_batch: expected prediction and target of the same shape B x H x W, "
                          f"got {tuple(prob.shape)} and {tuple(target.shape)}")
@@ -532,8 +551,9 @@ def edge_f_counts_batch(prob: torch.Tensor, target: torch.Tensor, tolerance: int
     level_near = _morphology(level, kernel, torch.maximum)
     tgt_near = _morphology(tgt, kernel, torch.maximum)
     # one histogram per pair: levels of all pixels (first n bins) and of the flagged ones (last n)
-    by_pred = torch.bincount((level + n * tgt_near).flatten(), minlength=2 * n).view(2, n)
-    by_target = torch.bincount((level_near + n * tgt).flatten(), minlength=2 * n)[n:]
+    on_host = _on_host(prob, host)
+    by_pred = _level_histogram(level + n * tgt_near, 2 * n, on_host).view(2, n)
+    by_target = _level_histogram(level_near + n * tgt, 2 * n, on_host)[n:]
 
     def at_least(hist: torch.Tensor) -> torch.Tensor:
         """How many pixels have level >= i, for i = 1 .. n-1."""

@@ -27,20 +27,21 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasets.nus_targets import NUSTargets
-from experiment.acceleration import to_device_images
+from experiment.acceleration import evaluation_amp, to_device_images
 from experiment.config import ExperimentConfig, require
 from experiment.data import dataset_root, eval_loader, train_dataset, train_loader, val_dataset
 from experiment.engine import OptimizerSpec, Task
 from experiment.errors import UserError
 from experiment.methods import Method, register
 from experiment.network import read_model_file
-from experiment.runtime import autocast, resolve_amp
+from experiment.runtime import autocast
 from experiment.schedule import total_iterations
 from models import convert_sync_batchnorm, count_flops, get_net
 from models.mobilenetv2 import load_imagenet_mobilenetv2
 from models.nus import AuxiliaryNet, NUSSegmenter, sample
 from utils import dist
 from utils.config import path_field
+from utils.determinism import cross_entropy
 from utils.metrics import boundary_iou_counts_batch, boundary_iou_from_counts, confusion_matrix, scores_from_confusion
 
 log = logging.getLogger("experiment.nus")
@@ -245,13 +246,12 @@ def seg_task_builder(aux: Optional[AuxiliaryNet], size: Tuple[int, int]):
             labels = batch["label"].to(device, non_blocking=True)
             with info.amp():
                 out = model(images)
-                loss = F.cross_entropy(out["sampled_pred"].float(), sample(labels, out["locations"]),
-                                       ignore_index=255)
+                loss = cross_entropy(out["sampled_pred"].float(), sample(labels, out["locations"]), ignore_index=255)
             return loss, {}, out
 
         def run_evaluation(eval_model, iteration, final, writer):
             return evaluate_nus(eval_model, val_loader, device, cfg.model.num_classes, cfg.nus.val_crop,
-                                resolve_amp(cfg.val.amp, device), desc=f"validation {mode} {size[0]}x{size[1]}")
+                                evaluation_amp(cfg, device), desc=f"validation {mode} {size[0]}x{size[1]}")
 
         # Seg nets with outputs the NUS loss does not use (HRNet 'aux' heads) leave parameters without gradient.
         return Task(model=net, loader=loader, step=step, total=total, samples_per_batch=cfg.train.batch_size,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from datasets import NUM_CLASSES, ClassTable
-from experiment.acceleration import to_device_images
+from experiment.acceleration import evaluation_amp, to_device_images
 from experiment.checkpoints import file_sha256, require_finite
 from experiment.config import ExperimentConfig, LossConfig
 from experiment.data import dataset_root, eval_loader, table_of, train_dataset, train_loader, val_dataset
@@ -30,7 +30,6 @@ from experiment.methods import Method, RunOptions, get_method, register, run_sin
 from experiment.network import build_model, load_weights, read_model_file
 from experiment.pictures import PredictionDumper, denormalize, edge_image
 from experiment.run_config import load_run_config
-from experiment.runtime import resolve_amp
 from experiment.schedule import total_iterations
 from inverseform import InverseFormLoss
 from models import convert_sync_batchnorm, count_parameters, load_pretrained_backbone
@@ -210,7 +209,7 @@ def segmentation_task(cfg: ExperimentConfig, ctx: dist.DistContext, train_data, 
     total = total_iterations(loader, cfg.train.epochs, cfg.train.max_iters)
     net = build_network(cfg, ctx)
     objective = objective_fn(net)
-    amp_dtype = resolve_amp(cfg.train.amp, device)
+    amp_dtype = evaluation_amp(cfg, device)  # val.amp, as experiment.validation: best.pth is chosen on its numbers
 
     def step(model, batch, info):
         images = to_device_images(batch["image"], device)
