@@ -73,3 +73,16 @@ def synthetic_images(shape: Sequence[int], seed: int) -> torch.Tensor:
     """A float32 image batch of roughly ImageNet-normalised statistics (N(0, 1))."""
     g = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x1A6E])))
     return torch.from_numpy(g.standard_normal(size=tuple(shape)).astype(np.float32))
+
+
+def outputs(net, shape=(1, 3, 64, 128)):
+    """``net``'s outputs (no grad) for one seeded random batch of ``shape``."""
+    images = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return net(images)
+
+
+def assert_same_outputs(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -1,6 +1,8 @@
 """The edge-map F-score (device counts = the numpy oracle), edge targets without the
 image border, and the ablation (variant configs, summary, a tiny end-to-end run)."""
 import json
+import os
+from pathlib import Path
 import math
 
 import cv2
@@ -9,7 +11,8 @@ import pytest
 import torch
 
 from datasets.edges import edge_target, edge_target_reference
-from experiment.comparisons.ablation import VARIANTS, AblationExperimentConfig, ablation_table, run_ablation, summarise, variant_config
+from experiment.comparisons.ablation import (VARIANTS, AblationExperimentConfig, ablation_table, base_config,
+                                            run_ablation, summarise, variant_config)
 from experiment.methods import RunOptions
 from experiment.errors import UserError
 from utils.config import load_config
@@ -96,7 +99,8 @@ def _config(root, out, regressor, *extra):
         "model.has_edge=true", f"loss.inverseform_path={regressor}", "loss.inverseform_tile_factor=1",
         "optim.lr=0.01", "optim.warmup_iters=1", "train.epochs=1", "train.max_iters=2", "train.batch_size=2",
         "train.log_interval=1", "train.image_interval=0", "train.val_interval=0", "train.device=cpu",
-        "val.batch_size=2", "val.num_workers=0", "val.max_images=2", *extra])
+        "val.batch_size=2", "val.num_workers=0", "val.max_images=2", "ablation.mode=scratch",
+        f"ablation.base_dir={Path(out) / 'bases'}", *extra])
 
 
 def test_variant_configs_switch_only_the_loss_terms(tmp_path):
@@ -123,7 +127,7 @@ def test_summary_and_table():
     results = {"joint": {"title": "CE + BCE + att", "per_seed": per_seed, **s},
                "inverseform": {"title": "+ InverseForm", "per_seed": per_seed, **s}}
     table = ablation_table(results, [0, 1])
-    assert "60.00 +- 14.14" in table and "inverseform - joint, mIoU   : +0.00" in table
+    assert "60.00 +- 14.14" in table and "inverseform - joint, mIoU   : +0.00 points, 95 % CI [+0.00, +0.00]" in table
     assert "bnd IoU" in table.splitlines()[1] and "30.00 +- 7.07" in table
 
 
@@ -202,3 +206,47 @@ def test_a_failing_child_run_is_reported_with_its_own_error(tiny_cityscapes, reg
         run_ablation(cfg, ctx)
     message = str(err.value)
     assert "ce/seed0 failed" in message and "no_such_dataset" in message and "console.txt" in message
+
+
+# ----------------------------------------------------------------------------- fine-tuning mode
+def test_the_base_is_named_by_what_shapes_its_weights(tmp_path):
+    def base(*extra):
+        return base_config(load_config(AblationExperimentConfig, [], [f"output_dir={tmp_path / 'a'}", *extra]))
+
+    first = base()
+    assert first.loss.inv_weight == 0 and first.train.seed == 0 and first.train.epochs == 60
+    assert base(f"output_dir={tmp_path / 'b'}", "data.num_workers=0", "train.log_interval=1",
+                "val.batch_size=4", "ablation.seeds=[5]").output_dir == first.output_dir
+    for change in ("train.batch_size=4", "optim.lr=0.5", "ablation.base_seed=1", "ablation.base_epochs=2",
+                   "loss.edge_weight=0.5"):
+        assert base(change).output_dir != first.output_dir, change
+
+
+def test_finetuning_runs_start_from_one_cached_base_and_report_paired_intervals(tiny_cityscapes, regressor,
+                                                                                tmp_path, ctx, capsys):
+    from experiment.methods import train
+
+    bases = tmp_path / "bases"
+    options = ("ablation.mode=finetune", f"ablation.base_dir={bases}", "ablation.base_epochs=1",
+               "ablation.finetune_lr=0.002", "ablation.variants=[joint,inverseform]", "ablation.seeds=[0,1]",
+               "ablation.figure_images=0")
+    summary = run_ablation(_config(tiny_cityscapes, tmp_path / "abl", regressor, *options), ctx)
+    [folder] = list(bases.iterdir())
+    base = str(folder / "last.pth")
+    assert summary["mode"] == "finetune" and summary["base"] == base
+    # a fine-tune is exactly a plain run initialised from the base at the fine-tune learning rate
+    plain = _config(tiny_cityscapes, tmp_path / "plain", regressor, "loss.inv_weight=0", "train.seed=1",
+                    f"model.init_checkpoint={base}", "optim.lr=0.002", "optim.warmup_iters=0")
+    metrics, _ = train(plain, ctx)
+    assert summary["variants"]["joint"]["per_seed"][1]["miou"] == metrics["miou"]
+    effect = summary["effects_vs_joint"]["inverseform"]["miou"]
+    per_seed = summary["variants"]
+    diffs = [per_seed["inverseform"]["per_seed"][s]["miou"] - per_seed["joint"]["per_seed"][s]["miou"] for s in (0, 1)]
+    assert effect["per_seed"] == diffs and effect["mean"] == pytest.approx(np.mean(diffs))
+    assert effect["ci_low"] <= effect["mean"] <= effect["ci_high"] and effect["interval"] == "paired t"
+    assert "inverseform - joint, mIoU" in capsys.readouterr().out
+    # a second ablation with the same settings reuses the base instead of training it again
+    stamp = os.stat(base).st_mtime_ns
+    again = run_ablation(_config(tiny_cityscapes, tmp_path / "abl2", regressor, *options), ctx)
+    assert again["base"] == base and os.stat(base).st_mtime_ns == stamp and len(list(bases.iterdir())) == 1
+    assert again["effects_vs_joint"] == summary["effects_vs_joint"]  # the same base, the same fine-tunes

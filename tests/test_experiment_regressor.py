@@ -20,8 +20,8 @@ def regressor_config(root, out, **extra):
         "output_dir": out, "output_path": Path(out) / "regressor.pth", "data.dataset_dir": root,
         "data.crop_size": "[64, 128]", "data.scale_range": "[0.75, 1.0]", "data.num_workers": 0,
         "model.tile_size": 32, "model.hidden": "[256, 32]", "ranges.scale": 0.2, "ranges.shift": 0.2,
-        "tiles.tile_factor": 1, "train.steps": 150, "train.images_per_batch": 6, "train.lr": 1e-3,
-        "train.log_interval": 10, "train.checkpoint_interval": 50, "train.eval_images": 12, "train.device": "cpu",
+        "tiles.tile_factor": 1, "train.steps": 400, "train.images_per_batch": 6, "train.lr": 1e-3,
+        "train.log_interval": 10, "train.checkpoint_interval": 100, "train.eval_images": 12, "train.device": "cpu",
     }
     values.update(extra)
     return load_config(RegressorConfig, [], [f"{k}={v}" for k, v in values.items()])
@@ -54,10 +54,14 @@ def test_empty_tiles_are_downweighted_and_become_identity_pairs(tiny_cityscapes,
 
 
 def test_short_run_learns_and_its_file_plugs_into_the_loss(tiny_cityscapes, tmp_path, ctx):
+    """Thresholds with a measured margin.  Another CPU's float order sends a run along another
+    trajectory, as another seed does: over train.seed 0-5 (one thread; two threads ran
+    bit-identically at 150 steps) the mean loss of the last 30 steps was 0.54-0.61 x that of the
+    first 30, and `same` 0.53-0.63 x `moved`."""
     cfg = regressor_config(tiny_cityscapes, tmp_path)
     report = train_regressor(cfg, ctx)
-    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert log[-1]["total"] < 0.8 * log[0]["total"]
+    log = [json.loads(line)["total"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert sum(log[-3:]) < 0.75 * sum(log[:3])
     saved = json.loads((tmp_path / "report.json").read_text())
     for key in ("identity_mean_distance", "transformed_mean_distance", "spearman", "r2_per_param"):
         assert key in saved and key in report
@@ -65,7 +69,7 @@ def test_short_run_learns_and_its_file_plugs_into_the_loss(tiny_cityscapes, tmp_
     assert saved["identity_mean_distance"] < saved["transformed_mean_distance"]
 
     meta = json.loads((tmp_path / "regressor.json").read_text())
-    assert meta["parameterisation"] == "scale_shift" and meta["tile_size"] == 32 and meta["steps"] == 150
+    assert meta["parameterisation"] == "scale_shift" and meta["tile_size"] == 32 and meta["steps"] == 400
     assert len(meta["normalisation"]["std"]) == 4
     loss = InverseFormLoss(str(tmp_path / "regressor.pth"), tile_factor=1, distance="normalised")
     assert isinstance(loss.regressor, InverseNet) and not loss.regressor.training
@@ -77,7 +81,7 @@ def test_short_run_learns_and_its_file_plugs_into_the_loss(tiny_cityscapes, tmp_
     shifted = warp(target, params_to_matrix(shift, "scale_shift"), kind="scale_shift")
     same = loss.tile_distances(target, target).mean()
     moved = loss.tile_distances(shifted, target).mean()
-    assert same < 0.8 * moved  # 6 training images and 150 steps: a clear margin, not a good regressor
+    assert same < 0.8 * moved  # 6 training images and 400 steps: a clear margin, not a good regressor
 
 
 def test_resume_continues_where_it_stopped(tiny_cityscapes, tmp_path, ctx):

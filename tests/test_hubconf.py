@@ -11,7 +11,7 @@ import torch
 
 import models
 from datasets import TRAIN_CLASS_COLORS, TRAIN_CLASS_NAMES
-from synthetic_weights import synthetic_state_dict
+from synthetic_weights import assert_same_outputs, outputs, synthetic_state_dict
 from utils.errors import InvalidInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,18 +28,6 @@ def seeded_net(arch, has_edge=True, base=None):
     net = models.get_net(arch, has_edge=has_edge, hrnet_base=base)
     net.load_state_dict(synthetic_state_dict(net.state_dict(), 11))
     return net.eval()
-
-
-def outputs(net):
-    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        return net(images)
-
-
-def assert_same_outputs(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def load_hubconf(name):

@@ -4,6 +4,7 @@ import os
 import time
 
 import pytest
+import scipy.stats
 import torch
 
 from experiment.methods.nus import NUSExperimentConfig
@@ -91,5 +92,10 @@ def test_seeds_in_child_processes_equal_in_process_and_report_the_mean(tiny_city
     assert parallel["margin_points"] == pytest.approx(
         100 * sum(r["adaptive_miou"] - r["uniform_miou"] for r in per_seed) / 2)
     assert parallel["seeds"] == [0, 1] and set(parallel["per_seed"]) == {"0", "1"}
+    margins = [100 * (r["adaptive_miou"] - r["uniform_miou"]) for r in per_seed]
+    interval = scipy.stats.ttest_1samp(margins, 0.0).confidence_interval(0.95)
+    ci = parallel["margin_points_ci"]
+    assert (ci["ci_low"], ci["ci_high"]) == (pytest.approx(interval.low), pytest.approx(interval.high))
+    assert "% CI [" in printed and "(paired t, 2 seeds)" in printed
     assert (tmp_path / "parallel" / "seed1" / "console.txt").stat().st_size > 0
     assert os.path.getsize(tmp_path / "parallel" / "sampling_grid.png") > 0

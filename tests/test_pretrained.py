@@ -12,7 +12,7 @@ import torch
 import models
 import models.pretrained as pretrained
 from datasets import IMAGENET_MEAN, IMAGENET_STD, TRAIN_CLASS_COLORS, TRAIN_CLASS_NAMES
-from synthetic_weights import synthetic_state_dict
+from synthetic_weights import assert_same_outputs, outputs, synthetic_state_dict
 from utils.errors import InvalidInputError, MissingInputError, UnreadableInputError
 
 CITYSCAPES = {"class_names": list(TRAIN_CLASS_NAMES), "class_colors": [list(c) for c in TRAIN_CLASS_COLORS]}
@@ -22,18 +22,6 @@ def seeded_net(arch, has_edge=True, base=None, seed=3, **options):
     net = models.get_net(arch, has_edge=has_edge, hrnet_base=base, **options)
     net.load_state_dict(synthetic_state_dict(net.state_dict(), seed))
     return net.eval()
-
-
-def outputs(net, shape=(1, 3, 64, 128)):
-    images = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        return net(images)
-
-
-def assert_same_outputs(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.fixture(scope="module")

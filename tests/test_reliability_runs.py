@@ -277,9 +277,10 @@ def test_children_of_a_killed_comparison_stop_with_a_checkpoint(tiny_cityscapes,
     parent = subprocess.Popen([sys.executable, "-m", "experiment.train", "--config", "configs/synthetic_scribbles.yaml",
                                "--opt", *opts], cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    deadline, logs = time.time() + 240, [out / name / "train_log.jsonl" for name in ("densecrf", "pce")]
+    deadline, logs = time.time() + 600, [out / name / "train_log.jsonl" for name in ("densecrf", "pce")]
     while not all(p.is_file() and p.stat().st_size for p in logs) and time.time() < deadline:
         time.sleep(0.5)
+    assert all(p.is_file() for p in logs), "the children did not start training within 10 minutes"
     children = children_of(parent.pid)
     assert len(children) == 2, children
     parent.kill()  # kill -9: no handler of the parent runs

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from datasets import TrainTransform, ValTransform
@@ -201,12 +202,12 @@ def test_comparison_trains_three_runs_and_writes_comparison_json(tiny_cityscapes
         assert ("densecrf" in log[-1]) == (name == "densecrf") and "pce" in log[-1]
 
 
-def test_comparison_in_two_child_processes_equals_the_serial_one(tiny_cityscapes, tmp_path, ctx):
+def test_comparison_over_seeds_in_two_child_processes_equals_the_serial_one(tiny_cityscapes, tmp_path, ctx, capsys):
     opts = {"data.dataset_dir": tiny_cityscapes, "data.crop_size": "[64, 128]", "data.class_uniform_fraction": 0.0,
             "data.num_workers": 0, "model.arch": "lighthrnet.HRNet16", "train.max_iters": 1, "train.batch_size": 2,
             "train.image_interval": 0, "train.val_interval": 0, "train.device": "cpu", "train.amp": "off",
-            "val.batch_size": 1, "val.num_workers": 0, "val.max_images": 1, "weak.compare": "true",
-            "weak.min_area": 10, "weak.cpu_threads": 1}
+            "val.batch_size": 1, "val.num_workers": 0, "val.max_images": 2, "weak.compare": "true",
+            "weak.min_area": 10, "weak.cpu_threads": 1, "weak.seeds": "[0, 1]"}
     threads = torch.get_num_threads()
     try:
         serial = compare_supervision(weak_config(output_dir=tmp_path / "serial", **opts), ctx, RunOptions())
@@ -217,9 +218,17 @@ def test_comparison_in_two_child_processes_equals_the_serial_one(tiny_cityscapes
     for key in ("pce_miou", "densecrf_miou", "full_miou"):
         assert parallel[key] == pytest.approx(serial[key], abs=1e-6)
     for name in ("pce", "densecrf", "full"):
-        assert (tmp_path / "parallel" / name / "console.txt").stat().st_size > 0
-        assert parallel["runs"][name]["seconds_per_iteration"] > 0
+        runs = [json.loads((tmp_path / "parallel" / f"seed{seed}" / name / "metrics.json").read_text()) for seed in (0, 1)]
+        assert (tmp_path / "parallel" / "seed1" / name / "console.txt").stat().st_size > 0
+        assert parallel["runs"][f"seed1/{name}"]["seconds_per_iteration"] > 0
+        assert parallel[f"{name}_miou"] == pytest.approx((runs[0]["miou"] + runs[1]["miou"]) / 2)
+        assert [parallel["per_seed"][s][f"{name}_miou"] for s in "01"] == [r["miou"] for r in runs]
     assert json.loads((tmp_path / "parallel" / "comparison.json").read_text())["full_miou"] == parallel["full_miou"]
+    gains = [100 * (parallel["per_seed"][s]["densecrf_miou"] - parallel["per_seed"][s]["pce_miou"]) for s in "01"]
+    interval = scipy.stats.ttest_1samp(gains, 0.0).confidence_interval(0.95)
+    ci = parallel["densecrf_gain_ci"]
+    assert (ci["ci_low"], ci["ci_high"]) == (pytest.approx(interval.low), pytest.approx(interval.high))
+    assert "(paired t, 2 seeds)" in capsys.readouterr().out
 
 
 def test_training_on_voc_scribbles(tmp_path, ctx):

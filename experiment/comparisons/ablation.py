@@ -23,6 +23,7 @@ threads.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from datasets import ClassTable
 from experiment.acceleration import place_model, to_device_images
 from experiment.comparisons import comparison_dir, run_options
 from experiment.comparisons.children import ChildRun, run_children, use_children
-from experiment.checkpoints import config_differences, load_training_checkpoint
+from experiment.checkpoints import config_differences, flatten, load_training_checkpoint
 from experiment.config import ExperimentConfig, require
 from experiment.data import dataset_root, table_of, val_dataset
 from experiment.errors import UserError
@@ -47,12 +48,14 @@ from experiment.pictures import denormalize, edge_image, labelled, write_png
 from experiment.run_dir import Outputs
 from experiment.runtime import Rank0Writer, autocast
 from utils import dist
-from utils.config import apply_overrides, build_dataclass, config_to_dict, save_config
+from utils.config import apply_overrides, build_dataclass, config_to_dict, path_field, save_config
 from utils.io import atomic_write_text
+from utils.stats import paired_difference
 
 log = logging.getLogger("experiment.ablation")
 
 ABLATION_VARIANTS = ("ce", "joint", "inverseform", "geodesic")
+ABLATION_MODES = ("finetune", "scratch")
 
 
 @dataclasses.dataclass
@@ -63,6 +66,15 @@ class AblationConfig:
     variants: List[str] = dataclasses.field(default_factory=lambda: list(ABLATION_VARIANTS))
     seeds: List[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     figure_images: int = 3           # validation images in the side-by-side figure
+    # finetune: train one base model with the joint loss (cached under base_dir, named by its
+    # config's hash), then fine-tune it under each objective with paired seeds, as the paper's gains
+    # are differences between converged models; scratch: every run from the initialisation
+    mode: str = "finetune"
+    base_epochs: int = 60            # the base model's schedule (finetune)
+    base_seed: int = 0
+    base_dir: str = path_field("runs/ablation_bases")
+    finetune_lr: Optional[float] = None       # the fine-tunes' learning rate (None: optim.lr)
+    finetune_warmup_iters: int = 0
     processes: int = 1               # runs trained at once as child processes (single-process runs only)
     cpu_threads: Optional[int] = None  # threads per run on a CPU (as weak.cpu_threads)
 
@@ -74,6 +86,11 @@ class AblationConfig:
         require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
                f"config key 'ablation.seeds' must list distinct seeds, got {self.seeds}")
         require(self.figure_images >= 0, f"config key 'ablation.figure_images' must be >= 0, got {self.figure_images}")
+        require(self.mode in ABLATION_MODES, f"config key 'ablation.mode' must be one of {', '.join(ABLATION_MODES)}, "
+                f"got {self.mode!r}")
+        require(self.base_epochs >= 1, f"config key 'ablation.base_epochs' must be >= 1, got {self.base_epochs}")
+        require(self.finetune_lr is None or self.finetune_lr > 0,
+                f"config key 'ablation.finetune_lr' must be > 0 or null, got {self.finetune_lr}")
         require(self.processes >= 1, f"config key 'ablation.processes' must be >= 1, got {self.processes}")
         require(self.cpu_threads is None or self.cpu_threads >= 1,
                f"config key 'ablation.cpu_threads' must be >= 1 or null, got {self.cpu_threads}")
@@ -110,13 +127,53 @@ def check_config(cfg: "AblationExperimentConfig") -> None:
         raise UserError("ablation variants other than ce need loss.edge_weight > 0 (the paper: 0.3)")
 
 
-def variant_config(cfg: "AblationExperimentConfig", variant: str, seed: int) -> ExperimentConfig:
+def variant_config(cfg: "AblationExperimentConfig", variant: str, seed: int,
+                   base: Optional[str] = None) -> ExperimentConfig:
     """The config of one run: the ablation's (without its ``ablation`` section), with the
-    variant's loss switches and the seed."""
+    variant's loss switches and the seed; fine-tuning the weights of ``base`` (a checkpoint)
+    at the fine-tune learning rate when given."""
     overrides = list(VARIANTS[variant][1]) + [f"train.seed={seed}",
                                                f"output_dir={os.path.join(cfg.output_dir, variant, f'seed{seed}')}"]
+    if base is not None:
+        a = cfg.ablation
+        overrides += [f"model.init_checkpoint={base}", f"optim.warmup_iters={a.finetune_warmup_iters}"]
+        overrides += [f"optim.lr={a.finetune_lr}"] if a.finetune_lr is not None else []
     data = {k: v for k, v in config_to_dict(cfg).items() if k != "ablation"}
     return build_dataclass(ExperimentConfig, apply_overrides(data, overrides))
+
+
+# Keys that change neither the base model's weights nor its data: left out of its name.
+_NOT_IN_BASE_NAME = ("output_dir", "data.num_workers", "val.", "train.log_interval", "train.image_interval",
+                     "train.val_interval", "train.checkpoint_interval", "train.stop_timeout", "train.resume")
+
+
+def base_config(cfg: "AblationExperimentConfig") -> ExperimentConfig:
+    """The base model's config: the ``joint`` objective, ``base_seed``, ``base_epochs``, in
+    BASE_DIR/joint-<hash of the settings that shape its weights>; the same settings find the
+    same folder, so a finished base is trained once and reused by later ablations."""
+    a = cfg.ablation
+    sub = variant_config(cfg, "joint", a.base_seed)
+    sub.train.epochs = a.base_epochs
+    sub.train.max_iters = None
+    settings = {k: v for k, v in flatten(config_to_dict(sub)).items()
+                if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in _NOT_IN_BASE_NAME)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    sub.output_dir = os.path.join(a.base_dir, f"joint-{digest}")
+    return sub
+
+
+def ensure_base(cfg: "AblationExperimentConfig", ctx: dist.DistContext) -> str:
+    """The base model's last.pth: reused when its run finished, else trained (an interrupted
+    base continues where it stopped)."""
+    sub = base_config(cfg)
+    path = os.path.join(sub.output_dir, "last.pth")
+    if os.path.isfile(os.path.join(sub.output_dir, "metrics.json")) and os.path.isfile(path):
+        log.info("ablation: reusing the base model %s (same settings)", sub.output_dir)
+        return path
+    log.info("ablation: training the base model (joint loss, %d epochs, seed %d) into %s; later ablations "
+             "with the same settings reuse it", sub.train.epochs, sub.train.seed, sub.output_dir)
+    run_single(get_method(sub.method), sub, ctx, RunOptions(resume="auto"))
+    return path
 
 
 def summarise(per_seed: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, Optional[float]]]:
@@ -143,20 +200,33 @@ def ablation_table(results: Dict[str, Any], seeds: List[int]) -> str:
     for name, r in results.items():
         lines.append(f"{r['title']:<26}" + "".join(f"{cell(r, k):>16}" for k, _ in METRICS)
                      + f"{cell(r, 'train_seconds_per_iteration', 1.0, 3):>16}")
-    for name in ("inverseform", "geodesic"):  # the term's effect, paired by seed
-        if "joint" not in results or name not in results:
-            continue
+    for name, by_metric in effects(results).items():  # each variant's effect, paired by seed
         lines.append("")
         for key, title in METRICS:
-            a, b = results[name]["per_seed"], results["joint"]["per_seed"]
-            diffs = [a[s][key] - b[s][key] for s in b if s in a and a[s][key] is not None and b[s][key] is not None]
-            if diffs:
-                lines.append(f"{name} - joint, {title:<7}: {100 * np.mean(diffs):+.2f} points "
+            if key in by_metric:
+                diffs = by_metric[key]["per_seed"]
+                lines.append(f"{name} - joint, {title:<7}: {paired_difference(diffs).describe()} "
                              f"(per seed: {', '.join(f'{100 * d:+.2f}' for d in diffs)})")
     lines.append("")
     lines.append("paper, without -> with InverseForm: " + "; ".join(
         f"{k} {v[0]} -> {v[1]}" if v[0] else f"{k} +{v[1]}" for k, v in PAPER.items()))
     return "\n".join(lines)
+
+
+def effects(results: Dict[str, Any]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Each variant minus ``joint``, paired by seed, per metric: the per-seed differences, their
+    mean and its 95 % paired t interval."""
+    if "joint" not in results:
+        return {}
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    b = results["joint"]["per_seed"]
+    for name in (n for n in results if n != "joint"):
+        a = results[name]["per_seed"]
+        for key, _ in METRICS:
+            diffs = [a[s][key] - b[s][key] for s in b if s in a and a[s][key] is not None and b[s][key] is not None]
+            if diffs:
+                out.setdefault(name, {})[key] = {**paired_difference(diffs).as_dict(), "per_seed": diffs}
+    return out
 
 
 @torch.no_grad()
@@ -283,14 +353,16 @@ def run_ablation(cfg: AblationExperimentConfig, ctx: dist.DistContext, options: 
 
 def _run_ablation(cfg: AblationExperimentConfig, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
     a = cfg.ablation
-    runs = [(name, seed, variant_config(cfg, name, seed)) for seed in a.seeds for name in a.variants]
+    base = ensure_base(cfg, ctx) if a.mode == "finetune" else None
+    runs = [(name, seed, variant_config(cfg, name, seed, base)) for seed in a.seeds for name in a.variants]
     todo = [(name, seed, sub) for name, seed, sub in runs if not (options.resume and _finished(sub))]
     if ctx.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     parallel = use_children(a.processes, ctx.world_size, "ablation.processes")
     _train_runs(cfg, ctx, options, todo, parallel)
     results = _collect(cfg, runs)
-    summary = {"variants": results, "seeds": list(a.seeds),
+    summary = {"variants": results, "seeds": list(a.seeds), "effects_vs_joint": effects(results),
+               "mode": a.mode, "base": base,
                "settings": {"arch": cfg.model.arch, "crop_size": list(cfg.data.crop_size),
                             "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
                             "max_iters": cfg.train.max_iters,
@@ -301,6 +373,8 @@ def _run_ablation(cfg: AblationExperimentConfig, ctx: dist.DistContext, options:
     if ctx.is_main:
         json_path = os.path.join(cfg.output_dir, "ablation.json")
         atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
+        if base is not None:
+            print(f"every run fine-tunes {base} (joint loss, {a.base_epochs} epochs, seed {a.base_seed})")
         print(ablation_table(results, list(a.seeds)))
         print(f"\nwritten to {json_path}")
         if a.figure_images:

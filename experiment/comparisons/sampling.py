@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from datasets import ClassTable
+from experiment.acceleration import place_model, to_device_images
 from experiment.comparisons import comparison_dir, run_options, with_settings
 from experiment.comparisons.children import ChildRun, run_children, use_children
 from experiment.data import dataset_root, table_of, val_dataset
@@ -41,6 +42,7 @@ from experiment.run_dir import Outputs
 from experiment.runtime import Rank0Writer
 from models.nus import AuxiliaryNet, NUSSegmenter
 from utils import dist
+from utils.stats import paired_difference
 from utils.config import save_config
 from utils.io import atomic_torch_save, atomic_write_json
 
@@ -102,7 +104,7 @@ def _auxiliary_net(cfg: NUSExperimentConfig, ctx: dist.DistContext, options: Run
     if cfg.nus.aux_checkpoint:
         if not os.path.isfile(cfg.nus.aux_checkpoint):
             raise UserError(f"config key 'nus.aux_checkpoint': file {cfg.nus.aux_checkpoint} does not exist")
-        return load_aux_net(cfg, cfg.nus.aux_checkpoint).to(ctx.device).eval(), None
+        return place_model(load_aux_net(cfg, cfg.nus.aux_checkpoint), ctx.device).eval(), None
     sub = with_settings(cfg, os.path.join(cfg.output_dir, "aux"), {})
     metrics, net = fit(sub, ctx, build_aux_task, **_fit_options(options))
     if ctx.is_main:  # the plain weights, loadable with nus.aux_checkpoint
@@ -252,6 +254,7 @@ def seed_summary(per_seed: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
         "uniform_miou_std": float(np.std([per_seed[s]["uniform_miou"] for s in seeds], ddof=1)),
         "adaptive_miou_std": float(np.std([per_seed[s]["adaptive_miou"] for s in seeds], ddof=1)),
         "margin_points": float(np.mean(margins)), "margin_points_std": float(np.std(margins, ddof=1)),
+        "margin_points_ci": paired_difference(margins).as_dict(),
         "per_seed": {str(s): {"uniform_miou": per_seed[s]["uniform_miou"], "adaptive_miou": per_seed[s]["adaptive_miou"],
                               "margin_points": m} for s, m in zip(seeds, margins)}})
     return result
@@ -276,6 +279,8 @@ def seed_table(result: Dict[str, Any]) -> str:
                      f"{r['margin_points']:>+18.2f}")
     lines.append(f"{'mean':>6}  {100 * result['uniform_miou']:>12.2f}  {100 * result['adaptive_miou']:>13.2f}  "
                  f"{result['margin_points']:>+18.2f} (std over seeds {result['margin_points_std']:.2f})")
+    margins = [r["margin_points"] for r in result["per_seed"].values()]
+    lines.append(f"adaptive - uniform: {paired_difference(margins).describe(scale=1.0)}")
     return "\n".join(lines)
 
 
@@ -303,7 +308,7 @@ def sampling_figure(nets: Dict[str, NUSSegmenter], val_data, device: torch.devic
                     crop: Optional[Tuple[int, int]]) -> np.ndarray:
     """The first validation image: each method's sample points and prediction, and the truth."""
     sample0 = val_data[0]
-    image = central_crop(sample0["image"].unsqueeze(0).to(device), crop)
+    image = central_crop(to_device_images(sample0["image"].unsqueeze(0), device), crop)
     label = central_crop(sample0["label"], crop)
     grids, preds = {}, {}
     for name, net in nets.items():

@@ -2,6 +2,8 @@
 the same objective on full labels, with the same seed, schedule and scribbles, each an ordinary
 run of method ``weak`` in OUTPUT_DIR/<run>; then the table and OUTPUT_DIR/comparison.json
 (``pce_miou``, ``densecrf_miou``, ``full_miou``, seconds per iteration of each).  With
+``weak.seeds`` the three runs once per seed (OUTPUT_DIR/seed<k>/<run>): each mIoU is then the
+mean over the seeds and the DenseCRF - pCE margin comes with its paired 95 % t interval.  With
 ``weak.processes`` > 1 (single-process jobs) the runs train at once as child processes, each
 with ``weak.cpu_threads`` threads."""
 from __future__ import annotations
@@ -10,8 +12,9 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
+import numpy as np
 import torch
 
 from experiment.comparisons import comparison_dir, run_options, with_settings
@@ -21,16 +24,18 @@ from experiment.methods import RunOptions, get_method, run_single
 from experiment.run_dir import Outputs
 from utils import dist
 from utils.io import atomic_write_text
+from utils.stats import paired_difference
 
 log = logging.getLogger("experiment.supervision")
 
 RUNS = (("pce", "pCE"), ("densecrf", "pCE + DenseCRF"), ("full", "full supervision"))
 SETTINGS = {
-    "pce": {"weak.densecrf.weight": 0.0, "weak.labels": "scribbles", "weak.compare": False},
-    "densecrf": {"weak.labels": "scribbles", "weak.compare": False},
-    "full": {"weak.densecrf.weight": 0.0, "weak.labels": "full", "weak.compare": False},
+    "pce": {"weak.densecrf.weight": 0.0, "weak.labels": "scribbles", "weak.compare": False, "weak.seeds": []},
+    "densecrf": {"weak.labels": "scribbles", "weak.compare": False, "weak.seeds": []},
+    "full": {"weak.densecrf.weight": 0.0, "weak.labels": "full", "weak.compare": False, "weak.seeds": []},
 }
-OUTPUTS = Outputs(marks=("comparison.json",) + tuple(name for name, _ in RUNS), companions=("config.yaml",))
+OUTPUTS = Outputs(marks=("comparison.json", "seed*") + tuple(name for name, _ in RUNS), companions=("config.yaml",))
+Run = Tuple[int, str]  # (seed, run name)
 
 
 def run_weak(cfg, ctx: dist.DistContext, options: RunOptions) -> Any:
@@ -51,52 +56,73 @@ def compare_supervision(cfg, ctx: dist.DistContext, options: RunOptions) -> Dict
 def _compare(cfg, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
     if cfg.weak.cpu_threads and ctx.device.type == "cpu":
         torch.set_num_threads(cfg.weak.cpu_threads)
-    subs = {name: with_settings(cfg, os.path.join(cfg.output_dir, name), SETTINGS[name]) for name, _ in RUNS}
+    seeds = list(cfg.weak.seeds) or [cfg.train.seed]
+    subs = {(seed, name): with_settings(cfg, _run_dir(cfg, seed, name), {**SETTINGS[name], "train.seed": seed})
+            for seed in seeds for name, _ in RUNS}
     parallel = use_children(cfg.weak.processes, ctx.world_size, "weak.processes")
     results = _in_children(cfg, subs, options) if parallel else _in_process(subs, ctx, options)
-    summary = {
-        "pce_miou": results["pce"]["miou"], "densecrf_miou": results["densecrf"]["miou"],
-        "full_miou": results["full"]["miou"],
-        "densecrf_gain_points": 100.0 * (results["densecrf"]["miou"] - results["pce"]["miou"]),
-        "runs": results,
-        "settings": {"densecrf_weight": cfg.weak.densecrf.weight, "sigma_rgb": cfg.weak.densecrf.sigma_rgb,
-                     "sigma_xy": cfg.weak.densecrf.sigma_xy, "scale": cfg.weak.densecrf.scale,
-                     "source": cfg.weak.source, "scribble_fraction": cfg.weak.scribble_fraction,
-                     "stroke_width": cfg.weak.stroke_width, "seed": cfg.train.seed,
-                     "processes": cfg.weak.processes if parallel else 1},
-    }
+    summary = _summary(cfg, seeds, results)
+    summary["settings"]["processes"] = cfg.weak.processes if parallel else 1
     if ctx.is_main:
         path = os.path.join(cfg.output_dir, "comparison.json")
         atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
-        print(comparison_table(results))
+        print(comparison_table(summary))
         if parallel:
-            print(f"(runs trained {min(cfg.weak.processes, len(RUNS))} at a time as child processes sharing the "
+            print(f"(runs trained {min(cfg.weak.processes, len(subs))} at a time as child processes sharing the "
                   "CPU: s/iteration is each run's share of it)")
-        print(f"\nDenseCRF - pCE: {summary['densecrf_gain_points']:+.2f} mIoU points "
-              f"(paper, VOC 2012: +3.6); written to {path}")
+        print(f"\nDenseCRF - pCE mIoU: {_gain(summary).describe()} (paper, VOC 2012: +3.6 points); written to {path}")
     return summary
 
 
-def _in_children(cfg, subs: Dict[str, Any], options: RunOptions) -> Dict[str, Any]:
-    # the DenseCRF run (the longest) first: with two processes the other two share the second
-    order = ["densecrf"] + [name for name, _ in RUNS if name != "densecrf"]
-    walls = run_children([ChildRun(dict(RUNS)[name], subs[name]) for name in order], cfg.weak.processes,
+def _run_dir(cfg, seed: int, name: str) -> str:
+    if cfg.weak.seeds:
+        return os.path.join(cfg.output_dir, f"seed{seed}", name)
+    return os.path.join(cfg.output_dir, name)
+
+
+def _gain(summary: Dict[str, Any]):
+    return paired_difference([r["densecrf_miou"] - r["pce_miou"] for r in summary["per_seed"].values()])
+
+
+def _summary(cfg, seeds: List[int], results: Dict[Run, Dict[str, Any]]) -> Dict[str, Any]:
+    """The mean mIoU of each run over the seeds, each seed's, and the paired DenseCRF - pCE margin."""
+    per_seed = {str(seed): {f"{name}_miou": results[(seed, name)]["miou"] for name, _ in RUNS} for seed in seeds}
+    summary: Dict[str, Any] = {f"{name}_miou": float(np.mean([results[(s, name)]["miou"] for s in seeds]))
+                               for name, _ in RUNS}
+    summary.update(per_seed=per_seed, seeds=seeds,
+                   runs={name: results[(seeds[0], name)] for name, _ in RUNS} if len(seeds) == 1 else
+                   {f"seed{seed}/{name}": results[(seed, name)] for seed in seeds for name, _ in RUNS})
+    gain = _gain(summary)
+    summary["densecrf_gain_points"] = 100.0 * gain.mean
+    summary["densecrf_gain_ci"] = {k: (100.0 * v if k in ("mean", "ci_low", "ci_high") and v is not None else v)
+                                   for k, v in gain.as_dict().items()}
+    summary["settings"] = {"densecrf_weight": cfg.weak.densecrf.weight, "sigma_rgb": cfg.weak.densecrf.sigma_rgb,
+                           "sigma_xy": cfg.weak.densecrf.sigma_xy, "scale": cfg.weak.densecrf.scale,
+                           "source": cfg.weak.source, "scribble_fraction": cfg.weak.scribble_fraction,
+                           "stroke_width": cfg.weak.stroke_width, "seed": seeds[0] if len(seeds) == 1 else seeds}
+    return summary
+
+
+def _in_children(cfg, subs: Dict[Run, Any], options: RunOptions) -> Dict[Run, Dict[str, Any]]:
+    # the DenseCRF runs (the longest) first: with two processes the others share the second
+    order = sorted(subs, key=lambda run: (run[1] != "densecrf", run[0]))
+    label = {run: dict(RUNS)[run[1]] + (f", seed {run[0]}" if cfg.weak.seeds else "") for run in subs}
+    walls = run_children([ChildRun(label[run], subs[run]) for run in order], cfg.weak.processes,
                          cfg.weak.cpu_threads, bool(options.resume), what="comparison run")
     results = {}
-    for name, title in RUNS:
-        with open(os.path.join(subs[name].output_dir, "metrics.json")) as f:
-            results[name] = _run_result(json.load(f), walls[title])
+    for run, sub in subs.items():
+        with open(os.path.join(sub.output_dir, "metrics.json")) as f:
+            results[run] = _run_result(json.load(f), walls[label[run]])
     return results
 
 
-def _in_process(subs: Dict[str, Any], ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
+def _in_process(subs: Dict[Run, Any], ctx: dist.DistContext, options: RunOptions) -> Dict[Run, Dict[str, Any]]:
     results = {}
-    for name, title in RUNS:
-        sub = subs[name]
-        log.info("comparison: %s -> %s", title, sub.output_dir)
+    for run, sub in subs.items():
+        log.info("comparison: %s, seed %d -> %s", dict(RUNS)[run[1]], run[0], sub.output_dir)
         started = time.time()
         metrics, _ = run_single(get_method(sub.method), sub, ctx, run_options(options))
-        results[name] = _run_result(metrics, time.time() - started)
+        results[run] = _run_result(metrics, time.time() - started)
     return results
 
 
@@ -108,12 +134,17 @@ def _run_result(metrics: Dict[str, Any], wall: float) -> Dict[str, Any]:
             "iterations": iterations, "wall_seconds": wall}
 
 
-def comparison_table(results: Dict[str, Any]) -> str:
+def comparison_table(summary: Dict[str, Any]) -> str:
+    """mIoU of each run (the mean over the seeds, with the range) and its wall time per iteration."""
     def sec(v):
         return f"{v:.3f}" if v else "?"
 
-    lines = [f"{'supervision':<20} {'mIoU (%)':>9} {'s/iteration':>12}  (wall time of the run / iterations)", "-" * 43]
+    seeds = summary["seeds"]
+    lines = [f"{'supervision':<20} {'mIoU (%)':>9} {'s/iteration':>12}  (wall time of the run / iterations)"
+             + (f"; mIoU: mean over seeds {seeds} [min, max]" if len(seeds) > 1 else ""), "-" * 43]
     for name, title in RUNS:
-        r = results[name]
-        lines.append(f"{title:<20} {100 * r['miou']:>9.2f} {sec(r['seconds_per_iteration']):>12}")
+        values = [100 * r[f"{name}_miou"] for r in summary["per_seed"].values()]
+        walls = [r["seconds_per_iteration"] for key, r in summary["runs"].items() if key.split("/")[-1] == name]
+        spread = f"  [{min(values):.2f}, {max(values):.2f}]" if len(values) > 1 else ""
+        lines.append(f"{title:<20} {100 * summary[f'{name}_miou']:>9.2f} {sec(float(np.mean(walls))):>12}{spread}")
     return "\n".join(lines)

@@ -9,10 +9,9 @@ runs the paper's comparison instead (experiment/comparisons/supervision.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from datasets import IGNORE_INDEX, TrainTransform, ValTransform
@@ -27,6 +26,7 @@ from experiment.pictures import unnormalize
 from rloss import DenseCRFLoss
 from utils import dist
 from utils.config import path_field
+from utils.determinism import cross_entropy, interpolate_bilinear
 
 
 @dataclasses.dataclass
@@ -66,6 +66,9 @@ class WeakConfig:
     pce_batch_average: bool = False     # the reference divides its pCE once more by the batch size
     densecrf: DenseCRFConfig = dataclasses.field(default_factory=DenseCRFConfig)
     compare: bool = False
+    # the comparison once per seed (OUTPUT_DIR/seed<k>/<run>), then the mean DenseCRF - pCE margin
+    # with its paired 95 % interval; empty: once, with train.seed
+    seeds: List[int] = dataclasses.field(default_factory=list)
     # CPU threads of the comparison (None: torch's default).  On a busy small CPU one thread avoids
     # OpenMP threads spinning against other processes.
     cpu_threads: Optional[int] = None
@@ -75,6 +78,7 @@ class WeakConfig:
 
     def validate(self) -> None:
         require(self.processes >= 1, f"config key 'weak.processes' must be >= 1, got {self.processes}")
+        require(len(set(self.seeds)) == len(self.seeds), f"config key 'weak.seeds' must list distinct seeds, got {self.seeds}")
         require(self.source in ("cityscapes", "voc"), f"config key 'weak.source' must be cityscapes or voc, got {self.source!r}")
         require(self.labels in ("scribbles", "full"), f"config key 'weak.labels' must be scribbles or full, got {self.labels!r}")
         require(0 < self.scribble_fraction <= 1, f"config key 'weak.scribble_fraction' must be in (0, 1], got {self.scribble_fraction}")
@@ -145,8 +149,8 @@ def partial_cross_entropy(logits: torch.Tensor, label: torch.Tensor, batch_avera
     none (no NaN).  ``batch_average`` divides once more by the batch size, as the reference does."""
     logits = logits.float()
     if logits.shape[-2:] != label.shape[-2:]:
-        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="sum")
+        logits = interpolate_bilinear(logits, size=label.shape[-2:], align_corners=False)
+    total = cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="sum")
     loss = total / (label != IGNORE_INDEX).sum().clamp(min=1)
     return loss / label.shape[0] if batch_average else loss
 
@@ -186,7 +190,7 @@ class WeakObjective(nn.Module):
                 raise ValueError("WeakObjective: the DenseCRF term needs image= and roi=")
             logits = outputs["pred"].float()
             if logits.shape[-2:] != label.shape[-2:]:
-                logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+                logits = interpolate_bilinear(logits, size=label.shape[-2:], align_corners=False)
             crf = self.densecrf(unnormalize(image) * 255.0, torch.softmax(logits, 1), roi.float())
             components["densecrf"] = crf.detach()
             total = total + crf
