@@ -6,6 +6,7 @@ bad data is a one-line error naming the file."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,8 @@ def tiny_folder(tiny_cityscapes, tmp_path_factory):
 # ----------------------------------------------------------------------------- the same scenes, two layouts
 def test_folder_layout_trains_and_validates_exactly_like_the_cityscapes_layout(tiny_cityscapes, tiny_folder,
                                                                                  regressor, tmp_path, ctx):
+    # a copy: class-uniform sampling writes its centroid cache into the dataset root
+    tiny_cityscapes = shutil.copytree(tiny_cityscapes, tmp_path / "cityscapes")
     city, _ = train(config(tmp_path / "city", regressor, **{"data.dataset_dir": tiny_cityscapes}), ctx)
     folder, _ = train(config(tmp_path / "folder", regressor, **{"data.dataset": "folder",
                                                                 "data.dataset_dir": tiny_folder}), ctx)
@@ -220,6 +223,7 @@ def test_scribble_training_on_the_folder_layout_equals_the_cityscapes_layout(tin
     common = {"method": "weak", "model.has_edge": "false", "weak.min_area": 10, "weak.densecrf.weight": 1e-3,
               "weak.densecrf.sigma_xy": 20, "train.max_iters": 2,
               "val.max_images": 2, "val.dump_predictions": "false"}
+    tiny_cityscapes = shutil.copytree(tiny_cityscapes, tmp_path / "cityscapes")  # class-uniform writes a cache there
     runs = {}
     for name, data in (("city", {"data.dataset_dir": tiny_cityscapes}),
                        ("folder", {"data.dataset": "folder", "data.dataset_dir": tiny_folder})):
