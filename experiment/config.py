@@ -168,6 +168,7 @@ class LossConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
+    optimizer: str = "sgd"        # sgd (the reference's) | adamw (momentum and nesterov unused)
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -177,6 +178,8 @@ class OptimConfig:
     warmup_factor: float = 0.1   # the learning rate starts at lr * warmup_factor
 
     def validate(self) -> None:
+        require(self.optimizer in ("sgd", "adamw"),
+                f"config key 'optim.optimizer' must be sgd or adamw, got {self.optimizer!r}")
         require(self.lr > 0, f"config key 'optim.lr' must be > 0, got {self.lr}")
         require(self.momentum >= 0, f"config key 'optim.momentum' must be >= 0, got {self.momentum}")
         require(self.weight_decay >= 0, f"config key 'optim.weight_decay' must be >= 0, got {self.weight_decay}")

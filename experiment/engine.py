@@ -76,8 +76,8 @@ class OptimizerSpec:
 
     @classmethod
     def from_config(cls, optim, **changes: Any) -> "OptimizerSpec":
-        """SGD from an ``optim`` section (experiment.config.OptimConfig), with ``changes``."""
-        spec = cls(kind="sgd", lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+        """The optimizer of an ``optim`` section (experiment.config.OptimConfig), with ``changes``."""
+        spec = cls(kind=optim.optimizer, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                    nesterov=optim.nesterov, poly_power=optim.poly_power, warmup_iters=optim.warmup_iters,
                    warmup_factor=optim.warmup_factor)
         return dataclasses.replace(spec, **changes)

@@ -90,7 +90,8 @@ def test_main_job_keeps_its_cpu_recipe_and_grows_batches_on_cuda(name, schema):
     cpu = load_run_config([f"configs/{name}.yaml"], [], schema=schema, cuda=False)
     gpu = load_run_config([f"configs/{name}.yaml"], [], schema=schema, cuda=True)
     if schema is ExperimentConfig:
-        assert (cpu.train.batch_size, cpu.train.epochs, cpu.optim.lr, cpu.data.num_workers) == (8, 60, 0.03, 2)
+        assert (cpu.train.batch_size, cpu.train.epochs, cpu.optim.optimizer, cpu.optim.lr, cpu.data.num_workers) == \
+            (8, 60, "adamw", 1e-3, 2)
         assert gpu.train.batch_size > cpu.train.batch_size
         assert gpu.train.batch_size * gpu.train.epochs >= cpu.train.batch_size * cpu.train.epochs  # work kept
     else:

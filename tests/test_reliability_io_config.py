@@ -75,10 +75,21 @@ def test_non_finite_numbers_are_config_errors(override):
     ("val.max_images=0", "val.max_images"), ("val.max_images=-3", "val.max_images"),
     ("optim.momentum=-0.1", "optim.momentum"), ("optim.weight_decay=-1", "optim.weight_decay"),
     ("optim.poly_power=-1", "optim.poly_power"), ("model.num_classes=0", "model.num_classes"),
-    ("val.num_workers=-1", "val.num_workers")])
+    ("val.num_workers=-1", "val.num_workers"), ("optim.optimizer=adam", "optim.optimizer")])
 def test_out_of_range_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(ExperimentConfig, [], [override])
+
+
+def test_the_optim_section_chooses_the_optimizer():
+    from experiment.engine import OptimizerSpec
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for name, kind in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
+        cfg = load_config(ExperimentConfig, [], [f"optim.optimizer={name}", "optim.lr=0.002", "optim.weight_decay=0.01"])
+        built = OptimizerSpec.from_config(cfg.optim).build(params)
+        assert type(built) is kind
+        assert built.defaults["lr"] == 0.002 and built.defaults["weight_decay"] == 0.01
 
 
 def test_finite_values_still_pass():
