@@ -92,6 +92,16 @@ def test_the_optim_section_chooses_the_optimizer():
         assert built.defaults["lr"] == 0.002 and built.defaults["weight_decay"] == 0.01
 
 
+def test_adamw_takes_the_fused_kernel_where_torch_has_one():
+    from experiment.engine import OptimizerSpec
+
+    spec = OptimizerSpec(kind="adamw", lr=1e-3)
+    assert spec.build([torch.nn.Parameter(torch.zeros(2))]).defaults["fused"] is True
+    # parameters on a device the fused kernel does not serve (meta here) get torch's default loop
+    meta = torch.nn.Parameter(torch.zeros(2, device="meta"))
+    assert not spec.build([meta]).defaults["fused"]
+
+
 def test_finite_values_still_pass():
     cfg = load_config(ExperimentConfig, [], ["optim.lr=1e-3", "val.max_images=1", "train.log_interval=1"])
     assert math.isclose(cfg.optim.lr, 1e-3) and cfg.val.max_images == 1
