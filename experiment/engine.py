@@ -62,10 +62,6 @@ class StepInfo:
     amp: Callable[[], Any]   # the run's autocast context
 
 
-# Parameter dtypes torch's fused AdamW kernel takes.
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
     """The optimizer and its poly schedule with linear warm-up."""
@@ -94,7 +90,7 @@ class OptimizerSpec:
             # The fused kernel: on a CPU torch's default loop over the tensors costs ~8x its time (36
             # vs 4.6 ms a step for the synthetic regressor's 4.2 M parameters, one thread;
             # benchmarks/bench_optimizer.py).
-            fused = all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params)
+            fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
             return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None)
         raise ValueError(f"optimizer kind must be sgd or adamw, got {self.kind!r}")
 

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_adaptive_beats_uniform_by_two_points(tmp_path):
+def test_adaptive_beats_uniform_detectably(tmp_path):
     out = tmp_path / "synthetic_nus"
     subprocess.run([sys.executable, "-m", "experiment.train", "--config", "configs/synthetic_nus.yaml",
                     "--output_dir", str(out)], cwd=ROOT, check=True)

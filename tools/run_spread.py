@@ -63,15 +63,14 @@ def main():
     truth = ground_truth(args.dataset_dir, args.split)
     confusions = {run: per_image_confusions(run, truth) for run in args.runs}
     resamples = np.random.default_rng(args.seed).integers(0, len(truth), (args.resamples, len(truth)))
-    scores = {}
+    full = {run: miou(conf) for run, conf in confusions.items()}
+    scores = {run: np.array([miou(conf[i]) for i in resamples]) for run, conf in confusions.items()}
     print(f"{len(truth)} images of {args.dataset_dir} ({args.split}); {args.resamples} bootstrap resamples")
-    for run, conf in confusions.items():
-        scores[run] = np.array([miou(conf[i]) for i in resamples])
-        print(f"  {run}: mIoU {miou(conf):.2f}, std over resampled images {scores[run].std():.2f}")
+    for run in args.runs:
+        print(f"  {run}: mIoU {full[run]:.2f}, std over resampled images {scores[run].std():.2f}")
     if len(args.runs) > 1:
-        best = max(args.runs, key=lambda r: miou(confusions[r]))
-        worst = min(args.runs, key=lambda r: miou(confusions[r]))
-        diff = miou(confusions[best]) - miou(confusions[worst])
+        best, worst = max(args.runs, key=full.get), min(args.runs, key=full.get)
+        diff = full[best] - full[worst]
         paired = scores[best] - scores[worst]
         print(f"highest - lowest: {diff:.2f} points, paired std over resampled images {paired.std():.2f} "
               f"({diff / paired.std():.1f} of them)" if paired.std() > 0 else f"highest - lowest: {diff:.2f} points")
