@@ -1,8 +1,10 @@
 """Precision, memory layout and compilation of the models, chosen per device.
 
 * channels_last on CUDA: cuDNN's convolutions (and bf16 tensor cores) run NHWC natively;
-  with NCHW every convolution pays layout transposes.  The CPU keeps NCHW, the layout its
-  figures were measured in.
+  with NCHW every convolution pays layout transposes.  The CPU keeps NCHW: channels_last trains
+  faster there, but its BatchNorm computes the batch statistics far less accurately, the
+  gradients of a training step are several times further from float64, and the main job's
+  runs ended lower with it (benchmarks/bench_layout.py, docs/benchmarks.md).
 * ``compile`` (``train.compile`` / ``val.compile``, ``--compile``): ``torch.compile`` of the
   model; for evaluation the fixed-size batches are padded to the loader's batch size, so the
   last, shorter batch does not trigger a recompile.  Checkpoints are always written from the

@@ -39,12 +39,19 @@ def batch_stream(loader, start_iter: int, max_iters: int) -> Iterator[Tuple[int,
     Epoch ``e`` covers iterations [e * L, (e + 1) * L) with L = batches per epoch; a resumed
     run skips the first (start_iter mod L) batches of its epoch through the sampler (so no
     data is loaded for them), and since every sample is seeded by (seed, epoch, index) the
-    stream is the same as an uninterrupted run's.
+    stream is the same as an uninterrupted run's.  A sampler that can span epochs
+    (``datasets.epoch_aware.EpochIndexSampler``) gets one loader iterator for the whole range,
+    so a step never waits for the workers to start an epoch; the batches are the same.
     """
     sampler, dataset = loader.sampler, loader.dataset
     per_epoch = iterations_per_epoch(loader)
     if per_epoch < 1:
         raise UserError("fewer samples per process than one batch")
+    if hasattr(sampler, "span") and loader.drop_last:
+        sampler.span(start_iter, max_iters, loader.batch_size)
+        for iteration, batch in enumerate(loader, start_iter):
+            yield iteration // per_epoch, iteration, batch
+        return
     iteration = start_iter
     epoch, within = divmod(start_iter, per_epoch)
     while iteration < max_iters:

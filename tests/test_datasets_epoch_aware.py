@@ -59,3 +59,43 @@ def test_wrappers_pass_the_epoch_and_delegate(root):
     assert torch.equal(sample["image"], reference[keys[0][1]]["image"])
     assert torch.equal(wrapped[0]["label"], reference[0]["label"])  # a plain index: current epoch
     assert len(wrapped) == len(dataset) and wrapped.split == "train"
+
+
+def epoch_by_epoch(root, batch_size, start, stop):
+    """The batches as each epoch's own shard gives them: epoch e is the first len // batch_size
+    batches of the sampler's shard for e, its samples loaded as dataset[(e, index)]."""
+    dataset = EpochAwareDataset(make_dataset(root))
+    sampler = DistributedTrainSampler(dataset, num_replicas=1, rank=0, seed=5, drop_last=True)
+    per_epoch = len(sampler) // batch_size
+    batches = []
+    for it in range(start, stop):
+        epoch, within = divmod(it, per_epoch)
+        sampler.set_epoch(epoch)
+        indices = sampler.shard()[within * batch_size:(within + 1) * batch_size]
+        samples = [dataset[(epoch, i)] for i in indices]
+        batches.append((epoch, it, [s["name"] for s in samples], sum(s["image"].sum().item() for s in samples)))
+    return batches
+
+
+def test_one_loader_iterator_spans_the_epochs_with_each_epochs_batches(root, monkeypatch):
+    made = []
+    spanning = EpochIndexSampler.__iter__
+    monkeypatch.setattr(EpochIndexSampler, "__iter__", lambda self: made.append(1) or spanning(self))
+    loader = train_loader(make_dataset(root), batch_size=2, num_workers=2, seed=5)
+    got = stream(loader, 0, 10)
+    assert len(made) == 1  # one iterator for four epochs: the workers never start an epoch empty
+    expected = epoch_by_epoch(root, 2, 0, 10)
+    assert [e for e, *_ in got] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    assert [(e, it, list(names)) for e, it, names, _ in got] == [(e, it, names) for e, it, names, _ in expected]
+    assert [total for *_, total in got] == pytest.approx([total for *_, total in expected], rel=1e-6)
+    assert stream(loader, 4, 8) == got[4:8]  # resumed mid-epoch on the same workers
+    assert len(made) == 2
+
+
+def test_span_rejects_a_range_it_cannot_serve(root):
+    sampler = EpochIndexSampler(DistributedTrainSampler(make_dataset(root), num_replicas=1, rank=0, seed=5))
+    with pytest.raises(ValueError, match="start <= stop"):
+        sampler.span(5, 4, 2)
+    sampler.span(0, 1, len(sampler) + 1)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        list(sampler)
