@@ -110,7 +110,23 @@ def config_from_args(args: argparse.Namespace) -> Any:
     cfg = load_run_config(args.config, overrides, defaults={"output_dir": "runs/validation"})
     explicit = explicit_keys(args.config, args.opt, FLAGS, args, "model", MODEL_KEYS)
     describe_from_checkpoint(cfg, args.model_state, args.model_path, explicit)
+    explicit = explicit_keys(args.config, args.opt, FLAGS, args, "data", EDGE_TARGET_KEYS)
+    edge_targets_from_checkpoint(cfg, args.model_state, explicit)
     return cfg
+
+
+EDGE_TARGET_KEYS = ("edge_radius", "edge_image_border")
+
+
+def edge_targets_from_checkpoint(cfg: Any, state: Any, explicit: Dict[str, str]) -> None:
+    """Score edges against the targets the checkpoint's run defined (its stored ``data.edge_radius``
+    and ``data.edge_image_border``), unless the user set them: with other targets the edge F of
+    the same weights differs from the one the run printed.  Released files store no config."""
+    stored = state.get("config") if isinstance(state, dict) else None
+    data = stored.get("data") if isinstance(stored, dict) else None
+    for key in EDGE_TARGET_KEYS:
+        if key not in explicit and isinstance(data, dict) and key in data:
+            setattr(cfg.data, key, data[key])  # recorded in OUTPUT_DIR/config.yaml
 
 
 def validate(cfg: Any, model_path: str, ctx: dist.DistContext, split: str = "val", model_summary: bool = False,

@@ -227,8 +227,10 @@ def training_checkpoint(tmp_path_factory):
 
     net = models.get_net("lighthrnet.HRNet16", has_edge=True)
     path = tmp_path_factory.mktemp("ckpt") / "best.pth"
+    # edge targets unlike the defaults (radius 2, with the image-border line), as a run's stored config has them
+    config = {"data": {"edge_radius": 3, "edge_image_border": False}}
     torch.save({"state_dict": synthetic_state_dict(net.state_dict(), seed=1), "arch": "lighthrnet.HRNet16",
-                "hrnet_base": 16, "has_edge": True, "num_classes": 19, "iteration": 3}, path)
+                "hrnet_base": 16, "has_edge": True, "num_classes": 19, "iteration": 3, "config": config}, path)
     released = path.parent / "released.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, released)
     return path, released
@@ -249,6 +251,20 @@ def test_validation_reads_the_model_from_the_checkpoint(training_checkpoint):
     # released files store nothing: the reference's defaults and flags apply
     assert validation_config("--model_path", released).model.arch == "ocrnet.AuxHRNet"
     assert validation_config("--model_path", released, "--arch", "lighthrnet.HRNet16").model.hrnet_base is None
+
+
+def test_validation_defines_edge_targets_as_the_checkpoint_was_trained(training_checkpoint):
+    path, released = training_checkpoint
+    defaults = ExperimentConfig().data
+    assert (defaults.edge_radius, defaults.edge_image_border) == (2, True)
+    cfg = validation_config("--model_path", path)
+    assert (cfg.data.edge_radius, cfg.data.edge_image_border) == (3, False)
+    # a value the user gives wins: scoring against other targets is a legitimate question
+    cfg = validation_config("--model_path", path, "--opt", "data.edge_image_border=true")
+    assert (cfg.data.edge_radius, cfg.data.edge_image_border) == (3, True)
+    # released files store no config: the defaults (or the user's) apply
+    cfg = validation_config("--model_path", released)
+    assert (cfg.data.edge_radius, cfg.data.edge_image_border) == (2, True)
 
 
 @pytest.mark.parametrize("argv, source", [
