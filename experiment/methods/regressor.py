@@ -232,13 +232,10 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate_regressor(net: InverseNet, tiles: torch.Tensor, cfg: RegressorConfig, normaliser: ParamNormaliser,
-             device: torch.device, amp_dtype) -> Dict[str, Any]:
-    """Every held-out tile twice: with itself (identity) and with a random warp of itself.
-
-    Distances are the L2 norm of the regressor's normalised output (the training space);
-    the true magnitude is the norm of the normalised true deviation.
-    """
+def held_out_predictions(net: InverseNet, tiles: torch.Tensor, cfg: RegressorConfig, normaliser: ParamNormaliser,
+                         device: torch.device, amp_dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every held-out tile twice, with itself (identity) and with a seeded random warp of itself:
+    (output on identity pairs, output on warped pairs, normalised true deviation), each N x P."""
     net.eval()
     kind = cfg.model.parameterisation
     ranges = ranges_of(cfg)
@@ -252,7 +249,15 @@ def evaluate_regressor(net: InverseNet, tiles: torch.Tensor, cfg: RegressorConfi
             pred_id.append(net(x, x).float().cpu())
             pred_tr.append(net(warped, x).float().cpu())
         true_tr.append(normaliser.normalise(dev.float().cpu()))
-    pred_id, pred_tr, true_tr = torch.cat(pred_id), torch.cat(pred_tr), torch.cat(true_tr)
+    return torch.cat(pred_id), torch.cat(pred_tr), torch.cat(true_tr)
+
+
+def evaluate_regressor(net: InverseNet, tiles: torch.Tensor, cfg: RegressorConfig, normaliser: ParamNormaliser,
+                       device: torch.device, amp_dtype) -> Dict[str, Any]:
+    """Distances are the L2 norm of the regressor's normalised output (the training space);
+    the true magnitude is the norm of the normalised true deviation."""
+    kind = cfg.model.parameterisation
+    pred_id, pred_tr, true_tr = held_out_predictions(net, tiles, cfg, normaliser, device, amp_dtype)
     d_id, d_tr = pred_id.norm(dim=1), pred_tr.norm(dim=1)
     magnitude = true_tr.norm(dim=1)
     # R^2 per parameter over all pairs (identity targets are zeros).
