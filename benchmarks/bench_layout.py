@@ -37,6 +37,11 @@ CASES = [
 ]
 
 
+def rel_error(a, ref):
+    """||a - ref|| / ||ref||, with ``ref`` the float64 result."""
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
 def outputs(out):
     return list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else [out]
 
@@ -67,10 +72,9 @@ def accuracy(net, x, train, channels_last, device):
     _, ref = step(exact, x.to(device, torch.float64), train, device)
     _, out = step(model, to_device_images(x, device, channels_last), train, device)
     if not train:
-        return [((a.double() - b).norm() / b.norm()).item() for a, b in zip(out, ref)]
+        return [rel_error(a, b) for a, b in zip(out, ref)]
     exact_grads = dict(exact.named_parameters())
-    return [((p.grad.double() - exact_grads[n].grad).norm() / exact_grads[n].grad.norm()).item()
-            for n, p in model.named_parameters()
+    return [rel_error(p.grad, exact_grads[n].grad) for n, p in model.named_parameters()
             if p.grad is not None and exact_grads[n].grad.norm() > 1e-6]  # conv biases before BN: ~0
 
 
@@ -110,8 +114,7 @@ def batchnorm_error(device):
         xi = to_device_images(x, device, cl).detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
         y = bn(xi)
         y.backward(to_device_images(grad, device, cl))
-        parts.append(f"{label}: output {((y.double() - yd).norm() / yd.norm()).item():.1e}, "
-                     f"input gradient {((xi.grad.double() - xd.grad).norm() / xd.grad.norm()).item():.1e}")
+        parts.append(f"{label}: output {rel_error(y, yd):.1e}, input gradient {rel_error(xi.grad, xd.grad):.1e}")
     print("BatchNorm2d, training mode, 8 x 32 x 64 x 128, mean 10 x the spread; relative error vs float64: "
           + "; ".join(parts))
 
