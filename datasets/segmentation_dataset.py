@@ -175,6 +175,7 @@ class SegmentationDataset(Dataset):
         self.seed = int(seed)
         self.cache_dir = cache_dir
         self.items = self._scan()
+        self._decoded = None  # (image, label) per item once keep_decoded() has read them
         if self.class_uniform_fraction > 0 and not self.has_labels:
             raise InvalidInputError(f"{self.kind}: class-uniform sampling needs labels; the {split} split has none")
         self.centroids = None  # class id -> int array (n, 3) of (image index, x, y)
@@ -327,17 +328,43 @@ class SegmentationDataset(Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, index):
-        if index < 0:
-            index += len(self)
-        item_index, center, _ = self.sample_info(index)
-        name, image_path, label_path = self.items[item_index]
+    def read_item(self, item_index):
+        """(image, train-id map or None) of image ``item_index`` in sorted order, decoded from
+        its files (or kept in memory by :meth:`keep_decoded`: read-only arrays)."""
+        if self._decoded is not None:
+            return self._decoded[item_index]
+        _, image_path, label_path = self.items[item_index]
         image = read_image(image_path)
         label = self._train_ids(label_path) if self.has_labels else None
         if label is not None and label.shape != image.shape[:2]:
             raise InvalidInputError(f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
                                     f"{label_path} is {label.shape[1]}x{label.shape[0]}")
+        return image, label
+
+    def keep_decoded(self, max_bytes):
+        """Decode every image and label now and keep them in memory if they fit in ``max_bytes``
+        (estimated from the first pair): a small split is then not decoded again at every epoch,
+        and DataLoader workers forked later share the arrays.  They are made read-only, so a
+        transform that wrote into its input would fail instead of changing later epochs.
+        Returns the bytes kept (0: too large, nothing kept)."""
+        first = self.read_item(0)
+        size = sum(a.nbytes for a in first if a is not None)
+        if size * len(self.items) > max_bytes:
+            return 0
+        decoded = [first] + [self.read_item(i) for i in range(1, len(self.items))]
+        for pair in decoded:
+            for array in pair:
+                if array is not None:
+                    array.flags.writeable = False
+        self._decoded = decoded
+        return sum(a.nbytes for pair in decoded for a in pair if a is not None)
+
+    def __getitem__(self, index):
+        if index < 0:
+            index += len(self)
+        item_index, center, _ = self.sample_info(index)
+        image, label = self.read_item(item_index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         sample = self.transform(image, label, rng=rng, center=center)
-        sample["name"] = name
+        sample["name"] = self.items[item_index][0]
         return sample

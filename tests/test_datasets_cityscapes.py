@@ -85,6 +85,57 @@ def test_training_samples_are_deterministic_per_seed_epoch_index(tiny_cityscapes
     assert [n for batch in batches for n in batch["name"]] == [b[i]["name"] for i in range(len(b))]
 
 
+def samples(dataset, epochs=(0, 1, 2)):
+    out = []
+    for epoch in epochs:
+        dataset.set_epoch(epoch)
+        out.extend(dataset[i] for i in range(len(dataset)))
+    return out
+
+
+def test_kept_decoded_images_give_the_same_samples_and_cannot_be_changed(tiny_copy):
+    # every augmentation that touches the arrays: rescale, flip, jitter, blur, class-centred crops
+    transform = TrainTransform(crop_size=(40, 56), scale_range=(0.5, 2.0), color_jitter=dict(brightness=0.3,
+                               contrast=0.3, saturation=0.3, hue=0.1), blur_prob=0.5)
+    make = lambda: Cityscapes(tiny_copy, "train", transform, class_uniform_fraction=0.5, class_uniform_tile=48,
+                              seed=2, progress=False)
+    read, kept = make(), make()
+    nbytes = kept.keep_decoded(1 << 30)
+    image, label = read.read_item(0)
+    assert nbytes == len(kept.items) * (image.nbytes + label.nbytes)
+    for a, b in zip(samples(read), samples(kept)):
+        assert a["name"] == b["name"]
+        assert all(torch.equal(a[key], b[key]) for key in ("image", "label", "edge"))
+    image, label = kept.read_item(1)
+    with pytest.raises(ValueError, match="read-only"):
+        image[0, 0, 0] = 7
+    with pytest.raises(ValueError, match="read-only"):
+        label[0, 0] = 7
+    # through forked DataLoader workers: the same samples
+    kept.set_epoch(0)
+    loader = torch.utils.data.DataLoader(kept, batch_size=2, num_workers=2, shuffle=False)
+    direct = torch.stack([kept[i]["image"] for i in range(len(kept))])
+    assert torch.equal(torch.cat([batch["image"] for batch in loader]), direct)
+
+
+def test_a_split_larger_than_the_budget_is_not_kept(tiny_cityscapes):
+    ds = Cityscapes(tiny_cityscapes, "train", TrainTransform(crop_size=(32, 32)))
+    image, label = ds.read_item(0)
+    one = image.nbytes + label.nbytes
+    assert ds.keep_decoded(one * len(ds.items) - 1) == 0
+    assert ds.read_item(0)[0].flags.writeable  # still read from its file
+    assert ds.keep_decoded(one * len(ds.items)) == one * len(ds.items)
+    assert not ds.read_item(0)[0].flags.writeable
+
+
+def test_the_test_split_keeps_images_without_labels(tiny_cityscapes):
+    ds = Cityscapes(tiny_cityscapes, "test")
+    first = ds[0]
+    assert ds.keep_decoded(1 << 30) == len(ds.items) * ds.read_item(0)[0].nbytes
+    assert ds.read_item(0)[1] is None
+    assert torch.equal(ds[0]["image"], first["image"]) and (ds[0]["label"] == 255).all()
+
+
 def test_errors_name_the_problem(tiny_copy, tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"nowhere.*does not exist.*leftImg8bit/train/<city>"):

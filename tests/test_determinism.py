@@ -210,6 +210,40 @@ def test_bilinear_replacement_backward_is_exact_on_dyadic_weights():
     assert torch.equal(out_r, out) and torch.equal(grad_r, grad)
 
 
+@pytest.mark.parametrize("shape, size, scale, align_corners", RESIZES)
+def test_output_size_is_interpolates(shape, size, scale, align_corners):
+    x = torch.zeros(shape)
+    out = F.interpolate(x, size=size, scale_factor=scale, mode="bilinear", align_corners=align_corners)
+    assert determinism.output_size(x, size, scale) == tuple(out.shape[-2:])
+
+
+def test_the_cpu_takes_the_matmul_backward_where_its_products_are_small():
+    logits = torch.zeros(8, 19, 16, 32, requires_grad=True)    # HRNet's stride-8 logits of a 128 x 256 crop
+    full_size = torch.zeros(1, 19, 256, 512, requires_grad=True)  # stride 4 of a 1024 x 2048 image
+    assert determinism.takes_matmul_backward(logits, (128, 256))
+    assert determinism.takes_matmul_backward(logits, None, 8.0)
+    assert not determinism.takes_matmul_backward(full_size, (1024, 2048))
+    assert not determinism.takes_matmul_backward(logits.detach(), (128, 256))
+    with torch.no_grad():
+        assert not determinism.takes_matmul_backward(logits, (128, 256))
+    # the cost per output at the measured points (docs/benchmarks.md): 34 and 66 faster, 576 and 512 slower
+    assert determinism.matmul_backward_pays_on_cpu((16, 32), (128, 256))
+    assert determinism.matmul_backward_pays_on_cpu((32, 64), (512, 1024))
+    assert not determinism.matmul_backward_pays_on_cpu((256, 512), (1024, 2048))
+    assert not determinism.matmul_backward_pays_on_cpu((128, 256), (128, 256))
+
+
+@pytest.mark.parametrize("shape, size, scale, align_corners",
+                         RESIZES + [((2, 3, 16, 32), (128, 256), None, False),
+                                    ((1, 2, 64, 320), (64, 320), None, False)])  # ATen's backward: cost 384
+def test_interpolate_bilinear_on_the_cpu_equals_interpolate(shape, size, scale, align_corners):
+    """Either backward the dispatch takes: the forward bit for bit, the gradient up to the sums' order."""
+    (out, grad), (out_r, grad_r) = fast_and_replaced(
+        lambda t: determinism.interpolate_bilinear(t, size, scale, align_corners), shape, size, scale, align_corners)
+    assert torch.equal(out_r, out)
+    torch.testing.assert_close(grad_r, grad)
+
+
 @pytest.mark.parametrize("size", [(20, 33), (7, 11)])
 def test_inverseform_tiling_replacement_equals_interpolate(size):
     (out, grad), (out_r, grad_r) = fast_and_replaced(lambda t: tiling._DeterministicResize.apply(t, size),

@@ -234,3 +234,17 @@ def test_scribble_training_on_the_folder_layout_equals_the_cityscapes_layout(tin
     assert "densecrf" in history(tmp_path / "folder")[-1] and "pce" in history(tmp_path / "folder")[-1]
     assert runs["city"]["miou"] == runs["folder"]["miou"]
     assert runs["city"]["boundary_iou"] == runs["folder"]["boundary_iou"]
+
+
+def test_a_small_training_split_is_decoded_once_and_a_large_one_is_read_from_its_files(tiny_folder, monkeypatch,
+                                                                                        caplog):
+    from experiment import data
+
+    cfg = config("unused", "unused", **{"data.dataset": "folder", "data.dataset_dir": tiny_folder,
+                                        "data.class_uniform_fraction": 0}).data  # no centroid cache in the root
+    with caplog.at_level("INFO", logger="experiment"):
+        small = data.train_dataset(cfg, tiny_folder, seed=0)
+    assert not small.read_item(0)[0].flags.writeable
+    assert re.search(rf"keeping the {len(small.items)} decoded training images in memory", caplog.text)
+    monkeypatch.setattr(data, "KEEP_DECODED_BYTES", 1)
+    assert data.train_dataset(cfg, tiny_folder, seed=0).read_item(0)[0].flags.writeable

@@ -7,12 +7,14 @@ here take the fast kernel everywhere else and, in that case only (:func:`replaci
 deterministic equivalent: the interpolation's backward as two matrix products with its weight
 matrices (the forward unchanged), the loss summed from its per-pixel values (utils/metrics.py
 counts classes by scatter-add instead of ``histc``); equal to the fast ops up to the order of
-the sums.  CPU kernels are deterministic already and never change.  The plug-ins, which import
-nothing of this repository, carry their own copy of the resize (inverseform/tiling.py,
-rloss/loss.py).
+the sums.  CPU kernels are deterministic already; on a CPU the interpolation's matrix-product
+backward is taken anyway where it is the faster one (:func:`matmul_backward_pays_on_cpu`).
+The plug-ins, which import nothing of this repository, carry their own copy of the resize
+(inverseform/tiling.py, rloss/loss.py).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -76,11 +78,46 @@ def bilinear_matmul_backward(x: torch.Tensor, size: Size = None, scale_factor: S
     return _BilinearMatmulBackward.apply(x, size, scale_factor, align_corners)
 
 
+# ATen's CPU backward of bilinear upsampling scatters every output's gradient into its four
+# inputs; the two dense products of transposed_resize cost 2 * W_in * (1 + H_in / W_out)
+# multiply-adds per output instead, which a CPU's matrix kernel does faster while that stays
+# small.  Measured on a 2-core EPYC (benchmarks/bench_resize.py, docs/benchmarks.md): 3-8x
+# faster at a cost of 34-66 (HRNet's stride-8 logits to a 128 x 256 crop), 1.5x at 288-320,
+# slower at 512-576 (an axis of 512 inputs, or no upsampling at all).
+CPU_MATMUL_BACKWARD_MAX_COST = 320
+
+
+def output_size(x: torch.Tensor, size: Size, scale_factor: Scale) -> Tuple[int, int]:
+    """(H_out, W_out) of ``F.interpolate(x, size, scale_factor)``: ``size`` as given, else
+    each input side times its scale, rounded down."""
+    if size is not None:
+        return tuple(int(s) for s in _pair(size))
+    return tuple(int(math.floor(n * float(s))) for n, s in zip(x.shape[-2:], _pair(scale_factor)))
+
+
+def matmul_backward_pays_on_cpu(in_size: Tuple[int, int], out_size: Tuple[int, int]) -> bool:
+    """Whether the matrix-product backward beats ATen's on a CPU for this resize (its cost per
+    output, 2 * W_in * (1 + H_in / W_out) multiply-adds, at most CPU_MATMUL_BACKWARD_MAX_COST)."""
+    (h_in, w_in), (_, w_out) = in_size, out_size
+    return w_in * (1 + h_in / w_out) <= CPU_MATMUL_BACKWARD_MAX_COST
+
+
+def takes_matmul_backward(x: torch.Tensor, size: Size = None, scale_factor: Scale = None) -> bool:
+    """Whether :func:`interpolate_bilinear` takes the matrix-product backward for ``x``: on CUDA
+    in deterministic mode, and on a CPU where it is the faster one."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    if replacing(x.device):
+        return True
+    return x.device.type == "cpu" and matmul_backward_pays_on_cpu(tuple(x.shape[-2:]),
+                                                                  output_size(x, size, scale_factor))
+
+
 def interpolate_bilinear(x: torch.Tensor, size: Size = None, scale_factor: Scale = None,
                          align_corners: bool = False) -> torch.Tensor:
-    """``F.interpolate(x, size, scale_factor, mode='bilinear', align_corners)``, with a
-    deterministic backward on CUDA in deterministic mode (same forward, bit for bit)."""
-    if torch.is_grad_enabled() and x.requires_grad and replacing(x.device):
+    """``F.interpolate(x, size, scale_factor, mode='bilinear', align_corners)``, with the
+    matrix-product backward where :func:`takes_matmul_backward` (same forward, bit for bit)."""
+    if takes_matmul_backward(x, size, scale_factor):
         return bilinear_matmul_backward(x, size, scale_factor, align_corners)
     return F.interpolate(x, size=size, scale_factor=scale_factor, mode="bilinear", align_corners=align_corners)
 
