@@ -117,8 +117,13 @@ def train_dataset(cfg: DataConfig, root: str, seed: int):
     transform = TrainTransform(crop_size=cfg.crop_size, scale_range=cfg.scale_range, flip=cfg.flip,
                                color_jitter=color_jitter(cfg.color_jitter), blur_prob=cfg.blur_prob,
                                edge_radius=cfg.edge_radius, edge_image_border=cfg.edge_image_border)
-    dataset = labelled_images(cfg, root, cfg.train_split, transform, seed=seed,
-                              class_uniform_fraction=cfg.class_uniform_fraction)
+    return keep_decoded_if_small(labelled_images(cfg, root, cfg.train_split, transform, seed=seed,
+                                                 class_uniform_fraction=cfg.class_uniform_fraction))
+
+
+def keep_decoded_if_small(dataset):
+    """``dataset`` (a training split), its images and labels decoded once and kept in memory if
+    they fit in KEEP_DECODED_BYTES."""
     kept = dataset.keep_decoded(KEEP_DECODED_BYTES)
     if kept:
         log.info("keeping the %d decoded training images in memory (%.0f MB)", len(dataset.items), kept / 2 ** 20)

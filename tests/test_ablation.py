@@ -250,3 +250,14 @@ def test_finetuning_runs_start_from_one_cached_base_and_report_paired_intervals(
     again = run_ablation(_config(tiny_cityscapes, tmp_path / "abl2", regressor, *options), ctx)
     assert again["base"] == base and os.stat(base).st_mtime_ns == stamp and len(list(bases.iterdir())) == 1
     assert again["effects_vs_joint"] == summary["effects_vs_joint"]  # the same base, the same fine-tunes
+
+
+def test_on_cuda_the_ablation_keeps_its_own_fine_tuning_length():
+    """The ablation config inherits the main job's; the main job's CUDA recipe (its epochs and
+    batch) must not replace the fine-tunes' 10 epochs of 8 crops or the base's length."""
+    from experiment.run_config import load_run_config
+
+    cpu, gpu = (load_run_config(["configs/synthetic_ablation.yaml"], [], schema=AblationExperimentConfig, cuda=cuda)
+                for cuda in (False, True))
+    assert (gpu.train.epochs, gpu.train.batch_size, gpu.ablation.base_epochs) == \
+        (cpu.train.epochs, cpu.train.batch_size, cpu.ablation.base_epochs) == (10, 8, 60)

@@ -91,9 +91,11 @@ def test_main_job_keeps_its_cpu_recipe_and_grows_batches_on_cuda(name, schema):
     gpu = load_run_config([f"configs/{name}.yaml"], [], schema=schema, cuda=True)
     if schema is ExperimentConfig:
         assert (cpu.train.batch_size, cpu.train.epochs, cpu.optim.optimizer, cpu.optim.lr, cpu.data.num_workers) == \
-            (8, 60, "adamw", 1e-3, 2)
+            (8, 120, "adamw", 1e-3, 2)
         assert gpu.train.batch_size > cpu.train.batch_size
         assert gpu.train.batch_size * gpu.train.epochs >= cpu.train.batch_size * cpu.train.epochs  # work kept
+        steps = [c.train.epochs * (c.data.synthetic.train // c.train.batch_size) for c in (cpu, gpu)]
+        assert steps == [1440, 1440]  # the same steps, 4x the crops each
     else:
         assert (cpu.train.images_per_batch, cpu.train.steps, cpu.data.num_workers) == (32, 6000, 0)
         assert gpu.train.images_per_batch > cpu.train.images_per_batch and gpu.train.steps < cpu.train.steps

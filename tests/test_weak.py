@@ -64,6 +64,22 @@ def test_synthetic_scribbles_label_a_small_share(tiny_cityscapes):
     assert np.array_equal(scribble[scribble != 255], full[scribble != 255])
 
 
+def test_scribble_samples_from_kept_decoded_images_are_the_same(tiny_cityscapes):
+    """The scribble training split kept in memory (experiment.data.keep_decoded_if_small): the
+    same crops, scribbles and roi, and its arrays cannot be written."""
+    transform = TrainTransform(crop_size=(48, 64), scale_range=(0.5, 1.5), with_roi=True)
+    read, kept = (ScribbleCityscapes(tiny_cityscapes, "train", transform, scribble_seed=0, precompute=True)
+                  for _ in range(2))
+    assert kept.keep_decoded(1 << 30) > 0
+    for epoch in range(2):
+        read.set_epoch(epoch)
+        kept.set_epoch(epoch)
+        for i in range(len(read)):
+            a, b = read[i], kept[i]
+            assert all(torch.equal(a[key], b[key]) for key in ("image", "label", "edge", "roi"))
+    assert not kept.read_item(0)[1].flags.writeable
+
+
 # ----------------------------------------------------------------------------- roi
 def test_transform_roi_marks_padding_and_follows_the_flip():
     image = np.full((40, 60, 3), 120, np.uint8)

@@ -81,9 +81,9 @@ def bilinear_matmul_backward(x: torch.Tensor, size: Size = None, scale_factor: S
 # ATen's CPU backward of bilinear upsampling scatters every output's gradient into its four
 # inputs; the two dense products of transposed_resize cost 2 * W_in * (1 + H_in / W_out)
 # multiply-adds per output instead, which a CPU's matrix kernel does faster while that stays
-# small.  Measured on a 2-core EPYC (benchmarks/bench_resize.py, docs/benchmarks.md): 3-8x
-# faster at a cost of 34-66 (HRNet's stride-8 logits to a 128 x 256 crop), 1.5x at 288-320,
-# slower at 512-576 (an axis of 512 inputs, or no upsampling at all).
+# small.  Measured on a 2-core Intel Xeon with AVX-512 (benchmarks/bench_resize.py,
+# docs/benchmarks.md): 4-9x faster at a cost of 34-66 (HRNet's stride-8 logits to a 128 x 256
+# crop), 1.4-1.5x at 288, slower at 384-576 (an axis of 512 inputs, or no upsampling at all).
 CPU_MATMUL_BACKWARD_MAX_COST = 320
 
 

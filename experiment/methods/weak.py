@@ -16,7 +16,7 @@ from torch import nn
 
 from datasets import IGNORE_INDEX, TrainTransform, ValTransform
 from experiment.config import ExperimentConfig, LossConfig, require
-from experiment.data import color_jitter, dataset_root, labelled_images
+from experiment.data import color_jitter, dataset_root, keep_decoded_if_small, labelled_images
 from experiment.engine import Task
 from experiment.errors import UserError
 from experiment.methods import Method, RunOptions, register
@@ -117,8 +117,9 @@ def scribble_datasets(cfg: WeakExperimentConfig) -> Tuple[str, bool, Any, Any]:
     scribbles = None if w.labels == "full" else dict(
         scribble_seed=w.scribble_seed, scribble_fraction=w.scribble_fraction, stroke_width=w.stroke_width,
         min_area=w.min_area, precompute=synthetic)
-    train = labelled_images(d, root, d.train_split, transform, seed=cfg.train.seed,
-                            class_uniform_fraction=d.class_uniform_fraction, scribbles=scribbles)
+    train = keep_decoded_if_small(labelled_images(d, root, d.train_split, transform, seed=cfg.train.seed,
+                                                  class_uniform_fraction=d.class_uniform_fraction,
+                                                  scribbles=scribbles))
     val = labelled_images(d, root, d.val_split, ValTransform(edge_radius=d.edge_radius))
     if cfg.val.max_images:
         val = torch.utils.data.Subset(val, range(min(cfg.val.max_images, len(val))))
