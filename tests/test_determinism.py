@@ -226,7 +226,7 @@ def test_the_cpu_takes_the_matmul_backward_where_its_products_are_small():
     assert not determinism.takes_matmul_backward(logits.detach(), (128, 256))
     with torch.no_grad():
         assert not determinism.takes_matmul_backward(logits, (128, 256))
-    # the cost per output at the measured points (docs/benchmarks.md): 34 and 66 faster, 576 and 512 slower
+    # the cost per output at measured points (docs/benchmarks.md): 34 and 66 faster, 576 and 384 slower
     assert determinism.matmul_backward_pays_on_cpu((16, 32), (128, 256))
     assert determinism.matmul_backward_pays_on_cpu((32, 64), (512, 1024))
     assert not determinism.matmul_backward_pays_on_cpu((256, 512), (1024, 2048))

@@ -82,8 +82,9 @@ def bilinear_matmul_backward(x: torch.Tensor, size: Size = None, scale_factor: S
 # inputs; the two dense products of transposed_resize cost 2 * W_in * (1 + H_in / W_out)
 # multiply-adds per output instead, which a CPU's matrix kernel does faster while that stays
 # small.  Measured on a 2-core Intel Xeon with AVX-512 (benchmarks/bench_resize.py,
-# docs/benchmarks.md): 4-9x faster at a cost of 34-66 (HRNet's stride-8 logits to a 128 x 256
-# crop), 1.4-1.5x at 288, slower at 384-576 (an axis of 512 inputs, or no upsampling at all).
+# docs/benchmarks.md): 1.5-9x faster at the costs of the main job's resizes (9-34; 8.6x for its
+# logits, stride 8 to the 128 x 256 crop), 4.4x at 66, 1.4x at 288, slower at 384 (no upsampling
+# at all) and 576 (an axis of 512 inputs).
 CPU_MATMUL_BACKWARD_MAX_COST = 320
 
 
