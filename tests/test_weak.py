@@ -271,8 +271,9 @@ def test_train_command_refuses_edges_with_scribbles(tmp_path):
 def demo(tmp_path_factory):
     """The README's demo: configs/synthetic_scribbles.yaml end to end, one seed (7-9 min on the
     project's idle 2-core machine: three single-thread child processes), run once for the tests below.
-    Measured, seed 0: pCE 34.75, pCE + DenseCRF 38.47, full labels 36.63 mIoU (seeds 1, 2: DenseCRF
-    - pCE +2.01, +1.15; docs/rloss.md)."""
+    Measured, seed 0: pCE 34.75, pCE + DenseCRF 38.47, full labels 36.63 mIoU on an AMD EPYC (seeds
+    1, 2: DenseCRF - pCE +2.01, +1.15); 33.94, 37.13, 36.83 on an Intel Xeon with the CPU's
+    matrix-product upsampling backward (seeds 1, 2: +2.02, +1.99; docs/rloss.md)."""
     out = tmp_path_factory.mktemp("scribble_demo") / "demo"
     subprocess.run([sys.executable, "-m", "experiment.train", "--config", "configs/synthetic_scribbles.yaml",
                     "--output_dir", str(out)], cwd=ROOT, check=True, timeout=3600)
