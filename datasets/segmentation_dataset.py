@@ -94,6 +94,11 @@ def read_image(path):
     return cv2.cvtColor(imread_or_raise(path, IMAGE_READ_FLAGS), cv2.COLOR_BGR2RGB)
 
 
+def _nbytes(arrays):
+    """Bytes of the arrays of an (image, label) pair; a missing label counts 0."""
+    return sum(a.nbytes for a in arrays if a is not None)
+
+
 def atomic_write_json(path, payload):
     """Write ``payload`` as compact JSON to ``path`` atomically, with the mode the umask gives."""
     atomic_write_text(path, json.dumps(payload, separators=(",", ":")))
@@ -348,16 +353,13 @@ class SegmentationDataset(Dataset):
         transform that wrote into its input would fail instead of changing later epochs.
         Returns the bytes kept (0: too large, nothing kept)."""
         first = self.read_item(0)
-        size = sum(a.nbytes for a in first if a is not None)
-        if size * len(self.items) > max_bytes:
+        if _nbytes(first) * len(self.items) > max_bytes:
             return 0
         decoded = [first] + [self.read_item(i) for i in range(1, len(self.items))]
-        for pair in decoded:
-            for array in pair:
-                if array is not None:
-                    array.flags.writeable = False
+        for array in (a for pair in decoded for a in pair if a is not None):
+            array.flags.writeable = False
         self._decoded = decoded
-        return sum(a.nbytes for pair in decoded for a in pair if a is not None)
+        return sum(_nbytes(pair) for pair in decoded)
 
     def __getitem__(self, index):
         if index < 0:

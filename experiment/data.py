@@ -28,7 +28,8 @@ SYNTHETIC_LAYOUT = {"cityscapes": "cityscapes", "folder": "folder"}
 TRAIN_PREFETCH_FACTOR = 4  # batches queued per worker: rides out slow samples (large rescales)
 # A training split that fits (the synthetic one: 50 MB) is decoded once instead of at every
 # epoch: PNG decoding was 80 % of a sample's time and, in the loader's workers, took a 2-core
-# CPU's time from the training step.  Cityscapes' or VOC's train split does not fit.
+# CPU's time from the training step.  Cityscapes' or VOC's train split does not fit.  The
+# regressor's tiles keep their label maps under the same budget (experiment/methods/regressor.py).
 KEEP_DECODED_BYTES = 512 << 20
 
 

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 
 from datasets import SegmentationDataset, TrainTransform
 from experiment.config import DataConfig, RunConfig, check_tile_grid, require
-from experiment.data import dataset_root, labelled_images, train_loader
+from experiment.data import KEEP_DECODED_BYTES, dataset_root, labelled_images, train_loader
 from experiment.engine import OptimizerSpec, Task
 from experiment.errors import UserError
 from experiment.methods import Method, RunOptions, get_method, register, run_single
@@ -154,7 +154,7 @@ class EdgeTiles(Dataset):
 
     def __init__(self, labels: SegmentationDataset, transform: TrainTransform, tile_size: int,
                  grid: Tuple[int, int], min_edge_fraction: float, empty_keep: float, seed: int,
-                 cache_bytes: int = 512 << 20):
+                 cache_bytes: int = KEEP_DECODED_BYTES):
         self.labels = labels
         self.transform = transform
         self.tile_size = tile_size
