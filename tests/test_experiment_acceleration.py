@@ -97,7 +97,9 @@ def test_main_job_keeps_its_cpu_recipe_and_grows_batches_on_cuda(name, schema):
         steps = [c.train.epochs * (c.data.synthetic.train // c.train.batch_size) for c in (cpu, gpu)]
         assert steps == [1440, 1440]  # the same steps, 4x the crops each
     else:
-        assert (cpu.train.images_per_batch, cpu.train.steps, cpu.data.num_workers) == (32, 6000, 0)
+        assert (cpu.train.images_per_batch, cpu.train.steps, cpu.data.num_workers, cpu.tiles.warps_per_tile) == \
+            (16, 8000, 0, 2)
+        assert gpu.tiles.warps_per_tile == cpu.tiles.warps_per_tile
         assert gpu.train.images_per_batch > cpu.train.images_per_batch and gpu.train.steps < cpu.train.steps
         assert gpu.train.images_per_batch * gpu.train.steps >= cpu.train.images_per_batch * cpu.train.steps
 

@@ -15,7 +15,12 @@ near identity, and the network regresses those parameters.  Here:
   ``homography``: 8), normalised per parameter by statistics this run computes and stores
   (root mean square over the sampling ranges), so the loss ||theta_hat - theta|| weighs
   parameters evenly.  A share of pairs (``tiles.identity_fraction``) is left untransformed:
-  identical boundaries must map to zero.
+  identical boundaries must map to zero.  Each tile may be paired with several warps in a
+  step (``tiles.warps_per_tile``): a pair costs a warp and the net's forward and backward, a
+  crop also its decoding, scaling and edge extraction.
+* The net trains on tiles minus their mean pixel (``train.centre_inputs``; :class:`CentredInputs`),
+  which its first layer learns from far faster than from 0/1 maps; the offset is folded into
+  fc.0's bias, so the saved file takes raw tiles like the released one.
 * Mostly-empty tiles (less than ``tiles.min_edge_fraction`` boundary) are down-weighted,
   not dropped: only ``tiles.empty_keep`` of them are kept, and always as identity pairs.
   Why: an empty tile is unchanged by any warp, so no transform can be read from it and the
@@ -32,6 +37,7 @@ the true transform's magnitude and the predicted distance, and R^2 per parameter
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import logging
@@ -40,6 +46,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.utils.data import Dataset
 
 from datasets import SegmentationDataset, TrainTransform
@@ -96,11 +103,13 @@ class TileConfig:
     min_edge_fraction: float = 0.01   # tiles with less boundary than this are 'empty'
     empty_keep: float = 0.1           # share of empty tiles kept, as identity pairs
     identity_fraction: float = 0.2    # share of pairs left untransformed (target 0)
+    warps_per_tile: int = 1           # pairs per tile and step, each with its own warp: a pair costs less than a crop
 
     def validate(self) -> None:
         require(self.tile_factor >= 1, f"config key 'tiles.tile_factor' must be >= 1, got {self.tile_factor}")
         require(self.tile_grid is None or check_tile_grid(self.tile_grid),
                 f"config key 'tiles.tile_grid' must be null or two positive ints [rows, cols], got {self.tile_grid!r}")
+        require(self.warps_per_tile >= 1, f"config key 'tiles.warps_per_tile' must be >= 1, got {self.warps_per_tile}")
         for name in ("min_edge_fraction", "empty_keep", "identity_fraction"):
             value = getattr(self, name)
             require(0.0 <= value <= 1.0, f"config key 'tiles.{name}' must be in [0, 1], got {value}")
@@ -118,6 +127,7 @@ class RegressorTrainConfig(RunConfig):
     checkpoint_interval: int = 500
     eval_images: int = 200           # held-out crops (val split) for the report
     eval_batch: int = 256
+    centre_inputs: bool = True       # train on tiles minus their mean pixel, folded into fc.0's bias when saved
 
     def validate(self) -> None:
         require(self.steps >= 1, f"config key 'train.steps' must be >= 1, got {self.steps}")
@@ -220,6 +230,43 @@ def make_pairs(tiles: torch.Tensor, empty: torch.Tensor, kind: str, ranges: Dict
     dev = sample_deviations(tiles.shape[0], kind, ranges, identity_fraction, generator, device=tiles.device)
     dev = dev.masked_fill(empty.unsqueeze(1), 0.0)
     return warp(tiles, params_to_matrix(dev, kind), kind=kind), tiles, dev
+
+
+# ----------------------------------------------------------------------------- centred inputs
+class CentredInputs(nn.Module):
+    """``net`` trained on tiles minus a constant ``offset``, their mean pixel.
+
+    Boundary tiles are 0/1 maps whose mean pixel is far from 0 (about 0.2 on the synthetic
+    street scenes), and an MLP's first layer learns slowly from inputs so far off centre: every
+    weight's gradient carries the same common component.  fc.0 is linear, so
+    W (x - c) + b = W x + (b - c W 1): :meth:`folded` is an ``InverseNet`` of the released layout
+    that takes raw tiles and computes the same function; it is what is evaluated and saved."""
+
+    def __init__(self, net: InverseNet, offset: float):
+        super().__init__()
+        self.net = net
+        self.register_buffer("offset", torch.tensor(float(offset)))
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.net(x1 - self.offset, x2 - self.offset)
+
+    def folded(self) -> InverseNet:
+        net = copy.deepcopy(self.net)
+        with torch.no_grad():
+            net.fc[0].bias -= self.offset * net.fc[0].weight.sum(dim=1)
+        return net
+
+
+def mean_tile_pixel(data: EdgeTiles, crops: int = 64) -> float:
+    """Mean pixel of the kept tiles of the first ``crops`` crops of epoch 0 (0 when none is kept)."""
+    tiles = [data[i]["tiles"] for i in range(min(crops, len(data)))]
+    tiles = torch.cat(tiles) if tiles else torch.zeros(0)
+    return float(tiles.double().mean()) if tiles.numel() else 0.0
+
+
+def repeat_tiles(tiles: torch.Tensor, empty: torch.Tensor, times: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each tile ``times`` times (then each copy gets its own warp)."""
+    return (tiles.repeat(times, 1, 1, 1), empty.repeat(times)) if times > 1 else (tiles, empty)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -338,6 +385,7 @@ def build_task(cfg: RegressorConfig, ctx: dist.DistContext) -> Task:
                                                                  torch.Generator().manual_seed(cfg.train.seed)))}
     net = InverseNet(cfg.model.tile_size, KIND_NUM_PARAMS[kind], cfg.model.hidden, parameterisation=kind)
     net.set_normalisation(state["normaliser"])
+    model = CentredInputs(net, mean_tile_pixel(train_data) if cfg.train.centre_inputs else 0.0)
 
     def step(model, batch, info):
         tiles = batch["tiles"].to(device, non_blocking=True)
@@ -345,6 +393,7 @@ def build_task(cfg: RegressorConfig, ctx: dist.DistContext) -> Task:
         if tiles.shape[0] == 0:  # every crop was empty and dropped: one empty identity pair keeps
             tiles = torch.zeros(1, 1, cfg.model.tile_size, cfg.model.tile_size, device=device)  # ranks in step
             empty = torch.ones(1, dtype=torch.bool, device=device)
+        tiles, empty = repeat_tiles(tiles, empty, cfg.tiles.warps_per_tile)
         gen = step_generator(cfg.train.seed, ctx.rank, info.iteration, device)
         x1, x2, dev = make_pairs(tiles, empty, kind, ranges, cfg.tiles.identity_fraction, gen)
         target = state["normaliser"].normalise(dev)
@@ -359,12 +408,12 @@ def build_task(cfg: RegressorConfig, ctx: dist.DistContext) -> Task:
     def held_out(eval_model, iteration, final, writer) -> Dict[str, Any]:
         report: Dict[str, Any] = {}
         if dist.is_main_process():
-            report = evaluate_regressor(net, held_out_tiles(cfg, root), cfg, state["normaliser"], device,
+            report = evaluate_regressor(model.folded(), held_out_tiles(cfg, root), cfg, state["normaliser"], device,
                                         resolve_amp(cfg.train.amp, device))
             report["steps"] = cfg.train.steps
         return dist.broadcast_object(report)
 
-    return Task(model=net, loader=loader, step=step, total=cfg.train.steps, samples_per_batch=cfg.train.images_per_batch,
+    return Task(model=model, loader=loader, step=step, total=cfg.train.steps, samples_per_batch=cfg.train.images_per_batch,
                 optimizer=OptimizerSpec(kind="adamw", lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                         poly_power=0.9, warmup_iters=min(200, cfg.train.steps // 10)),
                 checkpoint_interval=cfg.train.checkpoint_interval, evaluate=held_out, name="regressor",
@@ -372,17 +421,19 @@ def build_task(cfg: RegressorConfig, ctx: dist.DistContext) -> Task:
                 extra_state=lambda: {"normaliser": state["normaliser"].to_dict()}, load_extra_state=load_extra_state,
                 describe=f"regressor {kind} ({sum(p.numel() for p in net.parameters())} parameters) on "
                          f"{cfg.model.tile_size} tiles of {root} ({'synthetic' if synthetic else 'Cityscapes'}), "
-                         f"{cfg.train.images_per_batch} crops per step",
+                         f"{cfg.train.images_per_batch} crops per step, {cfg.tiles.warps_per_tile} warp(s) per tile, "
+                         f"inputs centred on {float(model.offset):.4f}",
                 metrics_line=lambda r: f"Spearman {r['spearman']:.4f}",
-                report=saved_report(cfg, net, root, synthetic, ranges), resume_may_change=RESUME_MAY_CHANGE)
+                report=saved_report(cfg, model, root, synthetic, ranges), resume_may_change=RESUME_MAY_CHANGE)
 
 
 RESUME_MAY_CHANGE = {"output_path": "where the regressor file is written at the end",
                      "train.eval_images": "the held-out report only", "train.eval_batch": "evaluation speed only"}
 
 
-def saved_report(cfg: RegressorConfig, net: InverseNet, root: str, synthetic: bool, ranges: Dict[str, float]):
-    """After the held-out evaluation (rank 0): report.json, the regressor file and its metadata."""
+def saved_report(cfg: RegressorConfig, model: CentredInputs, root: str, synthetic: bool, ranges: Dict[str, float]):
+    """After the held-out evaluation (rank 0): report.json, the regressor file (raw-tile inputs) and
+    its metadata."""
     def report(metrics: Dict[str, Any]) -> None:
         atomic_write_json(os.path.join(cfg.output_dir, "report.json"), metrics)
         metadata = {
@@ -390,12 +441,11 @@ def saved_report(cfg: RegressorConfig, net: InverseNet, root: str, synthetic: bo
             "crop_size": list(cfg.data.crop_size), "tile_factor": cfg.tiles.tile_factor, "tile_grid": cfg.tiles.tile_grid,
             "edge_image_border": cfg.data.edge_image_border, "ranges": ranges,
             "identity_fraction": cfg.tiles.identity_fraction, "min_edge_fraction": cfg.tiles.min_edge_fraction,
+            "warps_per_tile": cfg.tiles.warps_per_tile, "trained_input_offset": float(model.offset),
             "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "report": {k: metrics[k] for k in ("identity_mean_distance", "transformed_mean_distance", "spearman")},
         }
-        device = next(net.parameters()).device
-        weights, meta_path = save_regressor(net.cpu(), cfg.output_path, metadata)
-        net.to(device)
+        weights, meta_path = save_regressor(model.folded().cpu(), cfg.output_path, metadata)
         seconds = metrics.get("train_seconds_per_iteration")
         print(format_report(metrics))
         print(f"regressor: {weights}\nmetadata:  {meta_path}\nreport:    {os.path.join(cfg.output_dir, 'report.json')}"
