@@ -82,8 +82,8 @@ from utils.errors import ExistingOutputError, InputError, InvalidInputError, Mis
 from utils.io import atomic_write_json  # noqa: E402
 
 # The CPU recipe's mean mIoU (%) on the 20 synthetic val images over the runs of README.md
-# "Results" (2-core Intel Xeon; 1440 iterations, seeds 0-2 x 1-2 threads: 74.39-76.37).
-CPU_RECIPE_MIOU = 75.19
+# "Results" (2-core Intel Xeon; 1440 iterations, seeds 0-2 x 1-2 threads: 74.21-75.64).
+CPU_RECIPE_MIOU = 74.77
 
 # Dense bf16 tensor-core peaks, TFLOP/s (NVIDIA datasheets: half the "with sparsity" figure),
 # matched by substring of torch.cuda.get_device_name(), the most specific first.
