@@ -3,8 +3,9 @@
     python benchmarks/bench_optimizer.py                  # CPU, the synthetic recipes' two models
     python benchmarks/bench_optimizer.py --device cuda --steps 200
 
-For each parameter set (the synthetic regressor: InverseNet on 64 x 64 tiles, hidden 512 / 32,
-4.2 M parameters in 6 tensors; HRNet-16-Slim with its edge head: 3.3 M parameters in 451
+For each parameter set (a regressor of the shape the synthetic recipe had when the docs' figures
+were measured: InverseNet on 64 x 64 tiles, hidden 512 / 32, 4.2 M parameters in 6 tensors; the
+recipe's second layer is 512 wide now, 4.5 M parameters, whose step the first layer dominates; HRNet-16-Slim with its edge head: 3.3 M parameters in 451
 tensors) and each optimizer (SGD with momentum, AdamW), times ``optimizer.step()`` with
 ``foreach=False`` (a loop over tensors), ``foreach=True`` and ``fused=True``, the three
 alternating step by step so that changes of the machine's speed touch all alike; prints the
