@@ -3,11 +3,11 @@
     python benchmarks/bench_optimizer.py                  # CPU, the synthetic recipes' two models
     python benchmarks/bench_optimizer.py --device cuda --steps 200
 
-For each parameter set (a regressor of the shape the synthetic recipe had when the docs' figures
-were measured: InverseNet on 64 x 64 tiles, hidden 512 / 32, 4.2 M parameters in 6 tensors; the
-recipe's second layer is 512 wide now, 4.5 M parameters, whose step the first layer dominates; HRNet-16-Slim with its edge head: 3.3 M parameters in 451
-tensors) and each optimizer (SGD with momentum, AdamW), times ``optimizer.step()`` with
-``foreach=False`` (a loop over tensors), ``foreach=True`` and ``fused=True``, the three
+For each parameter set (the synthetic regressor's shape when the docs' figures were measured:
+InverseNet on 64 x 64 tiles, hidden 512 / 32, 4.2 M parameters in 6 tensors - its second layer is
+512 wide now, 4.5 M parameters, still dominated by the first; HRNet-16-Slim with its edge head:
+3.3 M parameters in 451 tensors) and each optimizer (SGD with momentum, AdamW), times
+``optimizer.step()`` with ``foreach=False`` (a loop over tensors), ``foreach=True`` and ``fused=True``, the three
 alternating step by step so that changes of the machine's speed touch all alike; prints the
 median step time, and how far each implementation's parameters are from the loop's after the
 timed steps (the same random gradients for all).  ``engine`` names what

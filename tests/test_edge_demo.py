@@ -17,7 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Measured with configs/synthetic.yaml over seeds 0-2 x 1-2 threads (docs/main_job.md): edge F
-# 0.8654-0.8906 (1440 iterations, Intel Xeon), 0.8059-0.8252 at 720 iterations (AMD EPYC); the
+# 0.8655-0.8811 (1440 iterations, Intel Xeon), 0.8059-0.8252 at 720 iterations (AMD EPYC); the
 # threshold leaves 0.05 below the lower recipe for another CPU's float order.
 MIN_EDGE_F = 0.75
 
