@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from utils.config import (ConfigError, add_config_arguments, build_dataclass, config_to_dict, load_config,
-                          save_config)
+                          path_field, save_config)
 
 
 @dataclasses.dataclass
@@ -140,6 +140,24 @@ def test_saved_config_reloads_identically(tmp_path):
     assert load_config(Root, [tmp_path / "out" / "config.yaml"]) == cfg
     assert config_to_dict(cfg)["data"]["crop_size"] == [8, 16]
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "out").iterdir())
+
+
+@dataclasses.dataclass
+class Paths:
+    out: Optional[str] = path_field(None)
+    other: Optional[str] = path_field(None, kind="config")
+
+
+def test_saved_config_holds_relative_shell_paths_as_absolute_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Paths, [], ["out=runs/x", "other=configs/a.yaml"])
+    assert cfg.out == "runs/x"  # shell input: relative to the current directory
+    save_config(cfg, tmp_path / "runs" / "x" / "config.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a child process or a later --config reads it from another folder
+    again = load_config(Paths, [tmp_path / "runs" / "x" / "config.yaml"])
+    assert again.out == str(tmp_path / "runs" / "x") and again.other == str(tmp_path / "configs" / "a.yaml")
 
 
 def test_cli_arguments():

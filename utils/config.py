@@ -431,8 +431,19 @@ _UNSET = object()
 
 
 def save_config(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """Write the effective config as YAML, atomically."""
-    text = yaml.safe_dump(config_to_dict(obj), sort_keys=False, default_flow_style=None)
+    """Write the effective config as YAML, atomically.  Relative :func:`path_field` values (shell
+    input: relative to the current directory) are written as absolute paths: read back, a relative
+    value would resolve against the saved file's folder (a child process's config, ``--config``)."""
+    data = config_to_dict(obj)
+    if dataclasses.is_dataclass(obj):
+        for key in path_keys(type(obj)):
+            node = data
+            for part in key[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            value = node.get(key[-1]) if isinstance(node, dict) else None
+            if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+                node[key[-1]] = os.path.abspath(os.path.expanduser(value))
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     atomic_write_text(path, text)
 
 
