@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from experiment.config import DATASETS
 from experiment.errors import StopRequested, is_user_error, one_line
-from experiment.runtime import set_threads_for_cpu
+from experiment.runtime import keep_freed_memory, set_threads_for_cpu
 from utils import dist
 from utils.config import ConfigError, add_config_arguments
 from utils.io import find_in_chain
@@ -199,6 +199,8 @@ def script_main(args: argparse.Namespace, config_from_args: Callable[[argparse.N
             set_deterministic_cublas()
         ctx = dist.init_distributed(cfg.train.device)
         set_threads_for_cpu(ctx.world_size)
+        if ctx.device.type == "cpu":
+            keep_freed_memory()
         dist.setup_logging(cfg.output_dir, ctx.rank, filename=log_file)
         body(cfg, ctx)
 

@@ -1,8 +1,10 @@
-"""Process-level pieces every run uses: autocast choice, seeding, CPU threads, rank-0
-TensorBoard, and running a step on rank 0 first with its error shared by every rank."""
+"""Process-level pieces every run uses: autocast choice, seeding, CPU threads and the CPU's
+allocator, rank-0 TensorBoard, and running a step on rank 0 first with its error shared by every
+rank."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import random
@@ -47,6 +49,29 @@ def set_threads_for_cpu(world_size: int) -> None:
     if "OMP_NUM_THREADS" in os.environ or world_size <= 1:
         return
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+HEAP_BLOCKS_UP_TO = 32 << 20    # glibc's largest mmap threshold on 64-bit systems
+KEEP_FREED_AT_TOP = 1 << 30
+TOP_PAD = 64 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve blocks up to 32 MB from its heap and keep up to 1 GB of freed
+    memory instead of returning it to the kernel.  By default a training step's large tensors
+    are mapped and unmapped again, so every step faults in fresh pages that the kernel zeroes:
+    7-13 % of a single-thread training step of the synthetic demos, up to a fifth with three
+    processes sharing two cores (benchmarks/bench_allocator.py, docs/benchmarks.md).  Only where memory is placed changes, never a value.  The process keeps
+    its peak heap; forked loader workers inherit the setting.  Returns whether it was applied
+    (False without glibc, e.g. on macOS or musl)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in (
+        (M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO), (M_TRIM_THRESHOLD, KEEP_FREED_AT_TOP), (M_TOP_PAD, TOP_PAD)))
 
 
 class Rank0Writer:
