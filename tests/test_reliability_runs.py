@@ -273,7 +273,7 @@ def test_children_of_a_killed_comparison_stop_with_a_checkpoint(tiny_cityscapes,
             "train.epochs=200", "train.max_iters=400", "train.batch_size=2", "train.log_interval=1",
             "train.image_interval=0", "train.val_interval=0", "train.checkpoint_interval=0", "train.device=cpu",
             "train.amp=off", "val.batch_size=1", "val.num_workers=0", "val.max_images=1", "weak.min_area=10",
-            "weak.processes=2", "weak.cpu_threads=1"]
+            "weak.processes=2", "weak.cpu_threads=1", "weak.seeds=[]"]
     parent = subprocess.Popen([sys.executable, "-m", "experiment.train", "--config", "configs/synthetic_scribbles.yaml",
                                "--opt", *opts], cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)

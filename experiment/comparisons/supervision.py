@@ -3,7 +3,8 @@ the same objective on full labels, with the same seed, schedule and scribbles, e
 run of method ``weak`` in OUTPUT_DIR/<run>; then the table and OUTPUT_DIR/comparison.json
 (``pce_miou``, ``densecrf_miou``, ``full_miou``, seconds per iteration of each).  With
 ``weak.seeds`` the three runs once per seed (OUTPUT_DIR/seed<k>/<run>): each mIoU is then the
-mean over the seeds and the DenseCRF - pCE margin comes with its paired 95 % t interval.  With
+mean over the seeds and the DenseCRF - pCE margin comes with its paired 95 % t interval
+(``weak.full_every_seed: false``: the full-labels run for the first seed only).  With
 ``weak.processes`` > 1 (single-process jobs) the runs train at once as child processes, each
 with ``weak.cpu_threads`` threads."""
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _compare(cfg, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
         torch.set_num_threads(cfg.weak.cpu_threads)
     seeds = list(cfg.weak.seeds) or [cfg.train.seed]
     subs = {(seed, name): with_settings(cfg, _run_dir(cfg, seed, name), {**SETTINGS[name], "train.seed": seed})
-            for seed in seeds for name, _ in RUNS}
+            for seed in seeds for name, _ in RUNS if name != "full" or cfg.weak.full_every_seed or seed == seeds[0]}
     parallel = use_children(cfg.weak.processes, ctx.world_size, "weak.processes")
     results = _in_children(cfg, subs, options) if parallel else _in_process(subs, ctx, options)
     summary = _summary(cfg, seeds, results)
@@ -85,13 +86,15 @@ def _gain(summary: Dict[str, Any]):
 
 
 def _summary(cfg, seeds: List[int], results: Dict[Run, Dict[str, Any]]) -> Dict[str, Any]:
-    """The mean mIoU of each run over the seeds, each seed's, and the paired DenseCRF - pCE margin."""
-    per_seed = {str(seed): {f"{name}_miou": results[(seed, name)]["miou"] for name, _ in RUNS} for seed in seeds}
-    summary: Dict[str, Any] = {f"{name}_miou": float(np.mean([results[(s, name)]["miou"] for s in seeds]))
-                               for name, _ in RUNS}
-    summary.update(per_seed=per_seed, seeds=seeds,
+    """The mean mIoU of each run over the seeds it was trained for, each seed's, and the paired
+    DenseCRF - pCE margin."""
+    per_seed = {str(seed): {f"{name}_miou": results[(seed, name)]["miou"] for name, _ in RUNS if (seed, name) in results}
+                for seed in seeds}
+    summary: Dict[str, Any] = {f"{name}_miou": float(np.mean([results[(s, name)]["miou"] for s in seeds
+                                                              if (s, name) in results])) for name, _ in RUNS}
+    summary.update(per_seed=per_seed, seeds=seeds, full_seeds=[s for s in seeds if (s, "full") in results],
                    runs={name: results[(seeds[0], name)] for name, _ in RUNS} if len(seeds) == 1 else
-                   {f"seed{seed}/{name}": results[(seed, name)] for seed in seeds for name, _ in RUNS})
+                   {f"seed{seed}/{name}": results[(seed, name)] for seed, name in sorted(results)})
     gain = _gain(summary)
     summary["densecrf_gain_points"] = 100.0 * gain.mean
     summary["densecrf_gain_ci"] = {k: (100.0 * v if k in ("mean", "ci_low", "ci_high") and v is not None else v)
@@ -143,8 +146,9 @@ def comparison_table(summary: Dict[str, Any]) -> str:
     lines = [f"{'supervision':<20} {'mIoU (%)':>9} {'s/iteration':>12}  (wall time of the run / iterations)"
              + (f"; mIoU: mean over seeds {seeds} [min, max]" if len(seeds) > 1 else ""), "-" * 43]
     for name, title in RUNS:
-        values = [100 * r[f"{name}_miou"] for r in summary["per_seed"].values()]
+        values = [100 * r[f"{name}_miou"] for r in summary["per_seed"].values() if f"{name}_miou" in r]
         walls = [r["seconds_per_iteration"] for key, r in summary["runs"].items() if key.split("/")[-1] == name]
-        spread = f"  [{min(values):.2f}, {max(values):.2f}]" if len(values) > 1 else ""
+        spread = f"  [{min(values):.2f}, {max(values):.2f}]" if len(values) > 1 else \
+            f"  (seed {summary['full_seeds'][0]} only)" if len(seeds) > 1 else ""
         lines.append(f"{title:<20} {100 * summary[f'{name}_miou']:>9.2f} {sec(float(np.mean(walls))):>12}{spread}")
     return "\n".join(lines)

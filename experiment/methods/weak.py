@@ -69,6 +69,9 @@ class WeakConfig:
     # the comparison once per seed (OUTPUT_DIR/seed<k>/<run>), then the mean DenseCRF - pCE margin
     # with its paired 95 % interval; empty: once, with train.seed
     seeds: List[int] = dataclasses.field(default_factory=list)
+    # with seeds: the full-labels run (the upper bound; the DenseCRF - pCE margin does not use it)
+    # for every seed, or only for the first
+    full_every_seed: bool = True
     # CPU threads of the comparison (None: torch's default).  On a busy small CPU one thread avoids
     # OpenMP threads spinning against other processes.
     cpu_threads: Optional[int] = None
