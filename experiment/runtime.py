@@ -63,15 +63,16 @@ def keep_freed_memory() -> bool:
     memory instead of returning it to the kernel.  By default a training step's large tensors
     are mapped and unmapped again, so every step faults in fresh pages that the kernel zeroes:
     7-13 % of a single-thread training step of the synthetic demos, up to a fifth with three
-    processes sharing two cores (benchmarks/bench_allocator.py, docs/benchmarks.md).  Only where memory is placed changes, never a value.  The process keeps
-    its peak heap; forked loader workers inherit the setting.  Returns whether it was applied
-    (False without glibc, e.g. on macOS or musl)."""
+    processes sharing two cores (benchmarks/bench_allocator.py, docs/benchmarks.md).  Only where
+    memory is placed changes, never a value.  The process keeps its peak heap; forked loader
+    workers inherit the setting.  Returns whether every setting was applied (False without
+    glibc, e.g. on macOS or musl)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    return all(mallopt(param, value) == 1 for param, value in (
-        (M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO), (M_TRIM_THRESHOLD, KEEP_FREED_AT_TOP), (M_TOP_PAD, TOP_PAD)))
+    settings = ((M_MMAP_THRESHOLD, HEAP_BLOCKS_UP_TO), (M_TRIM_THRESHOLD, KEEP_FREED_AT_TOP), (M_TOP_PAD, TOP_PAD))
+    return all([mallopt(param, value) == 1 for param, value in settings])  # a list: every one is tried
 
 
 class Rank0Writer:
