@@ -103,25 +103,29 @@ def project_root(config_path: Union[str, os.PathLike]) -> Path:
     return folder.parent if folder.name == "configs" else folder
 
 
-def _resolve_paths(data: Dict[str, Any], keys: Mapping[Tuple[str, ...], str], config_path: Path,
-                   root_of: RootOf) -> Dict[str, Any]:
-    """Make the relative path values that ``config_path`` itself sets absolute."""
+def _path_values(data: Dict[str, Any], keys: Mapping[Tuple[str, ...], str]):
+    """``(node, name, value, kind)`` for every path key that ``data`` sets to a non-empty string
+    (``value`` with ``~`` expanded); ``node[name] = ...`` replaces it."""
     for key, kind in keys.items():
         node = data
         for part in key[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or not isinstance(node.get(key[-1]), str) or not node[key[-1]]:
-            continue
-        value = os.path.expanduser(node[key[-1]])
+        if isinstance(node, dict) and isinstance(node.get(key[-1]), str) and node[key[-1]]:
+            yield node, key[-1], os.path.expanduser(node[key[-1]]), kind
+
+
+def _resolve_paths(data: Dict[str, Any], keys: Mapping[Tuple[str, ...], str], config_path: Path,
+                   root_of: RootOf) -> Dict[str, Any]:
+    """Make the relative path values that ``config_path`` itself sets absolute."""
+    for node, name, value, kind in _path_values(data, keys):
         if os.path.isabs(value):
-            node[key[-1]] = value
-            continue
-        if kind == "config":  # beside the file, as _base_; a name relative to the project (configs/x.yaml) too
+            node[name] = value
+        elif kind == "config":  # beside the file, as _base_; a name relative to the project (configs/x.yaml) too
             options = [config_path.resolve().parent / value, project_root(config_path) / value,
                        root_of(config_path) / value]
-            node[key[-1]] = str(next((p for p in options if p.exists()), options[0]))
+            node[name] = str(next((p for p in options if p.exists()), options[0]))
         else:
-            node[key[-1]] = str(root_of(config_path) / value)
+            node[name] = str(root_of(config_path) / value)
     return data
 
 
@@ -435,14 +439,8 @@ def save_config(obj: Any, path: Union[str, os.PathLike]) -> None:
     input: relative to the current directory) are written as absolute paths: read back, a relative
     value would resolve against the saved file's folder (a child process's config, ``--config``)."""
     data = config_to_dict(obj)
-    if dataclasses.is_dataclass(obj):
-        for key in path_keys(type(obj)):
-            node = data
-            for part in key[:-1]:
-                node = node.get(part) if isinstance(node, dict) else None
-            value = node.get(key[-1]) if isinstance(node, dict) else None
-            if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
-                node[key[-1]] = os.path.abspath(os.path.expanduser(value))
+    for node, name, value, _ in _path_values(data, path_keys(type(obj)) if dataclasses.is_dataclass(obj) else {}):
+        node[name] = os.path.abspath(value)
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     atomic_write_text(path, text)
 
