@@ -1,11 +1,16 @@
-"""Where runs with 1 and 2 CPU threads first differ: one training forward and backward of
-HRNet-16-Slim on the same seeded batch, once per thread count, in two child processes.
+"""Where runs with 1 and 2 CPU threads, or with another CPU's kernels, first differ: one training
+forward and backward of HRNet-16-Slim on the same seeded batch, once per setting, each in its own
+child process.
 
     python tools/thread_divergence.py
 
 Prints the first conv/BN output that differs (and by how much), whether the loss differs, and how
 many parameter gradients differ and by how much (docs/main_job.md#why-the-figures-depend-on-the-machine).
-Runs with the same thread count are compared too: they must be bit-identical.
+Runs with the same setting are compared too: they must be bit-identical.
+
+The kernel settings stand in for a CPU without AVX-512 (an AMD EPYC of the Zen 2/3 kind): each
+library's variable caps the instruction set it dispatches to, one library at a time and all three
+together. On a CPU without AVX-512 they should change nothing, and the tool shows whether they do.
 """
 import os
 import subprocess
@@ -58,16 +63,29 @@ def compare(a: dict, b: dict, label: str) -> None:
         f"; relative difference median {changed[len(changed) // 2]:.1e}, max {changed[-1]:.1e}" if changed else ""))
 
 
+# Each variable must be set before its library loads, hence one child process per setting.
+AVX2_KERNELS = {
+    "oneDNN (convolutions, BatchNorm)": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "MKL (matrix products)": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "ATen (elementwise, reductions)": {"ATEN_CPU_CAPABILITY": "avx2"},
+}
+AVX2_KERNELS["all three"] = {k: v for env in AVX2_KERNELS.values() for k, v in env.items()}
+
+
+def run_step(tmp: str, threads: int, extra_env: dict) -> dict:
+    path = os.path.join(tmp, f"{len(os.listdir(tmp))}.pt")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **extra_env)
+    subprocess.run([sys.executable, __file__, "--step", path], env=env, check=True)
+    return torch.load(path)
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {}
-        for label, threads in (("1 thread", 1), ("1 thread again", 1), ("2 threads", 2)):
-            path = os.path.join(tmp, f"{label}.pt")
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-            subprocess.run([sys.executable, __file__, "--step", path], env=env, check=True)
-            runs[label] = torch.load(path)
-        compare(runs["1 thread"], runs["1 thread again"], "1 vs 1 thread")
-        compare(runs["1 thread"], runs["2 threads"], "1 vs 2 threads")
+        one = run_step(tmp, 1, {})
+        compare(one, run_step(tmp, 1, {}), "1 vs 1 thread")
+        compare(one, run_step(tmp, 2, {}), "1 vs 2 threads")
+        for name, env in AVX2_KERNELS.items():
+            compare(one, run_step(tmp, 1, env), f"1 thread vs 1 thread with AVX2 kernels in {name}")
 
 
 if __name__ == "__main__":
