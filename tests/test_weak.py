@@ -244,6 +244,7 @@ def test_comparison_over_seeds_in_two_child_processes_equals_the_serial_one(tiny
     interval = scipy.stats.ttest_1samp(gains, 0.0).confidence_interval(0.95)
     ci = parallel["densecrf_gain_ci"]
     assert (ci["ci_low"], ci["ci_high"]) == (pytest.approx(interval.low), pytest.approx(interval.high))
+    assert ci["sd"] == pytest.approx(float(np.std(gains, ddof=1)))  # in points, as the bounds
     assert "(paired t, 2 seeds)" in capsys.readouterr().out
 
 

@@ -60,9 +60,14 @@ class PairedDifference:
         return text + ": no detectable effect at this precision" + (
             f"; about {more} seeds would exclude 0 if the mean and spread held" if more else "")
 
-    def as_dict(self) -> dict:
-        return {"mean": self.mean, "ci_low": self.low, "ci_high": self.high, "n": self.n, "level": self.level,
-                "sd": self.sd, "interval": "paired t"}
+    def as_dict(self, scale: float = 1.0) -> dict:
+        """The fields for a JSON file, the mean, bounds and deviation multiplied by ``scale``
+        (100: fractions as points)."""
+        def scaled(v):
+            return None if v is None else scale * v
+
+        return {"mean": scale * self.mean, "ci_low": scaled(self.low), "ci_high": scaled(self.high), "n": self.n,
+                "level": self.level, "sd": scaled(self.sd), "interval": "paired t"}
 
 
 def paired_difference(differences: Sequence[float], level: float = 0.95) -> PairedDifference:

@@ -97,8 +97,7 @@ def _summary(cfg, seeds: List[int], results: Dict[Run, Dict[str, Any]]) -> Dict[
                    {f"seed{seed}/{name}": results[(seed, name)] for seed, name in sorted(results)})
     gain = _gain(summary)
     summary["densecrf_gain_points"] = 100.0 * gain.mean
-    summary["densecrf_gain_ci"] = {k: (100.0 * v if k in ("mean", "ci_low", "ci_high", "sd") and v is not None else v)
-                                   for k, v in gain.as_dict().items()}
+    summary["densecrf_gain_ci"] = gain.as_dict(scale=100.0)
     summary["settings"] = {"densecrf_weight": cfg.weak.densecrf.weight, "sigma_rgb": cfg.weak.densecrf.sigma_rgb,
                            "sigma_xy": cfg.weak.densecrf.sigma_xy, "scale": cfg.weak.densecrf.scale,
                            "source": cfg.weak.source, "scribble_fraction": cfg.weak.scribble_fraction,
