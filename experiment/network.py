@@ -65,10 +65,12 @@ def stored_model_settings(state: Any) -> Dict[str, Any]:
 
 def describe_from_checkpoint(cfg, state: Any, path: str, explicit: Mapping[str, str]) -> None:
     """Set (in place) the ``cfg.model`` settings the checkpoint stores and the user left out;
-    ``explicit``: the keys the user set, each with where (a flag, --opt, a config file)."""
+    ``explicit``: the keys the user set, each with where (a flag, --opt, a config file).  A key set
+    to None (a run's own config.yaml writes ``hrnet_base: null``, "the arch's own") names no value
+    and takes the stored one."""
     for key, stored in stored_model_settings(state).items():
         current = getattr(cfg.model, key)
-        if key not in explicit:
+        if key not in explicit or current is None:
             setattr(cfg.model, key, stored)
         elif current != stored and not (key == "has_edge" and stored and not current):
             raise UserError(f"{explicit[key]} is {current!r} but {path} was trained with {key} {stored!r}; "

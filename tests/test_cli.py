@@ -267,6 +267,23 @@ def test_validation_defines_edge_targets_as_the_checkpoint_was_trained(training_
     assert (cfg.data.edge_radius, cfg.data.edge_image_border) == (2, True)
 
 
+def test_validation_accepts_the_config_its_training_run_wrote(training_checkpoint, tmp_path):
+    """A run's config.yaml lists every key, hrnet_base: null ("the arch's own") among them: with
+    its own checkpoint that is no disagreement."""
+    from utils.config import save_config
+
+    path, _ = training_checkpoint
+    cfg = ExperimentConfig()
+    cfg.model.arch, cfg.model.has_edge = "lighthrnet.HRNet16", True
+    save_config(cfg, tmp_path / "config.yaml")
+    assert "hrnet_base: null" in (tmp_path / "config.yaml").read_text()
+    cfg = validation_config("--config", tmp_path / "config.yaml", "--model_path", path)
+    assert (cfg.model.arch, cfg.model.hrnet_base, cfg.model.has_edge) == ("lighthrnet.HRNet16", 16, True)
+    # a width the user names is still checked against the checkpoint's
+    with pytest.raises(UserError, match="trained with hrnet_base 16"):
+        validation_config("--config", tmp_path / "config.yaml", "--model_path", path, "--hrnet_base", "18")
+
+
 @pytest.mark.parametrize("argv, source", [
     (["--arch", "ocrnet.AuxHRNet"], "--arch"),
     (["--hrnet_base", "18"], "--hrnet_base"),
