@@ -245,7 +245,24 @@ def test_comparison_over_seeds_in_two_child_processes_equals_the_serial_one(tiny
     ci = parallel["densecrf_gain_ci"]
     assert (ci["ci_low"], ci["ci_high"]) == (pytest.approx(interval.low), pytest.approx(interval.high))
     assert ci["sd"] == pytest.approx(float(np.std(gains, ddof=1)))  # in points, as the bounds
-    assert "(paired t, 2 seeds)" in capsys.readouterr().out
+    # the same interval for every metric the runs report, from their own metrics.json
+    by_metric = parallel["densecrf_gain_by_metric"]
+    assert set(by_metric) == {"miou", "pixel_acc", "mean_class_acc", "mba", "boundary_f", "boundary_iou"}
+    assert by_metric["miou"] == ci
+    for key in by_metric:
+        runs = {(seed, name): json.loads((tmp_path / "parallel" / f"seed{seed}" / name / "metrics.json").read_text())
+                for seed in (0, 1) for name in ("pce", "densecrf")}
+        margins = [100 * (runs[(seed, "densecrf")][key] - runs[(seed, "pce")][key]) for seed in (0, 1)]
+        assert by_metric[key]["mean"] == pytest.approx(float(np.mean(margins)))
+        if np.std(margins) > 0:
+            interval = scipy.stats.ttest_1samp(margins, 0.0).confidence_interval(0.95)
+            assert (by_metric[key]["ci_low"], by_metric[key]["ci_high"]) == \
+                (pytest.approx(interval.low), pytest.approx(interval.high))
+    out = capsys.readouterr().out
+    assert "(paired t, 2 seeds)" in out
+    table = out[out.index("DenseCRF - pCE, points"):]
+    mba = next(line for line in table.splitlines() if line.startswith("mBA "))
+    assert f"{by_metric['mba']['mean']:+.2f}" in mba and f"[{by_metric['mba']['ci_low']:+.2f}," in mba
 
 
 def test_comparison_over_seeds_trains_full_labels_for_the_first_seed_only_when_asked(tiny_cityscapes, tmp_path, ctx,

@@ -4,7 +4,9 @@ run of method ``weak`` in OUTPUT_DIR/<run>; then the table and OUTPUT_DIR/compar
 (``pce_miou``, ``densecrf_miou``, ``full_miou``, seconds per iteration of each).  With
 ``weak.seeds`` the three runs once per seed (OUTPUT_DIR/seed<k>/<run>): each mIoU is then the
 mean over the seeds and the DenseCRF - pCE margin comes with its paired 95 % t interval
-(``weak.full_every_seed: false``: the full-labels run for the first seed only).  With
+(``weak.full_every_seed: false``: the full-labels run for the first seed only), and so does the
+margin in every other metric the runs report (``densecrf_gain_by_metric``: pixel accuracy,
+mean class accuracy, mBA, boundary F, Boundary IoU), since the loss acts on boundaries first.  With
 ``weak.processes`` > 1 (single-process jobs) the runs train at once as child processes, each
 with ``weak.cpu_threads`` threads."""
 from __future__ import annotations
@@ -30,6 +32,9 @@ from utils.stats import paired_difference
 log = logging.getLogger("experiment.supervision")
 
 RUNS = (("pce", "pCE"), ("densecrf", "pCE + DenseCRF"), ("full", "full supervision"))
+# the metrics of each run whose DenseCRF - pCE margin gets an interval; mIoU (the paper's) first
+METRICS = (("miou", "mIoU"), ("pixel_acc", "pixel accuracy"), ("mean_class_acc", "mean class accuracy"),
+           ("mba", "mBA"), ("boundary_f", "boundary F"), ("boundary_iou", "Boundary IoU"))
 SETTINGS = {
     "pce": {"weak.densecrf.weight": 0.0, "weak.labels": "scribbles", "weak.compare": False, "weak.seeds": []},
     "densecrf": {"weak.labels": "scribbles", "weak.compare": False, "weak.seeds": []},
@@ -71,6 +76,8 @@ def _compare(cfg, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
         if parallel:
             print(f"(runs trained {min(cfg.weak.processes, len(subs))} at a time as child processes sharing the "
                   "CPU: s/iteration is each run's share of it)")
+        if len(seeds) > 1:
+            print("\n" + gain_table(summary))
         print(f"\nDenseCRF - pCE mIoU: {_gain(summary).describe()} (paper, VOC 2012: +3.6 points); written to {path}")
     return summary
 
@@ -81,15 +88,16 @@ def _run_dir(cfg, seed: int, name: str) -> str:
     return os.path.join(cfg.output_dir, name)
 
 
-def _gain(summary: Dict[str, Any]):
-    return paired_difference([r["densecrf_miou"] - r["pce_miou"] for r in summary["per_seed"].values()])
+def _gain(summary: Dict[str, Any], metric: str = "miou"):
+    return paired_difference([r[f"densecrf_{metric}"] - r[f"pce_{metric}"] for r in summary["per_seed"].values()])
 
 
 def _summary(cfg, seeds: List[int], results: Dict[Run, Dict[str, Any]]) -> Dict[str, Any]:
     """The mean mIoU of each run over the seeds it was trained for, each seed's, and the paired
     DenseCRF - pCE margin."""
-    per_seed = {str(seed): {f"{name}_miou": results[(seed, name)]["miou"] for name, _ in RUNS if (seed, name) in results}
-                for seed in seeds}
+    metrics = [key for key, _ in METRICS if all(key in result for result in results.values())]
+    per_seed = {str(seed): {f"{name}_{key}": results[(seed, name)][key] for name, _ in RUNS
+                            if (seed, name) in results for key in metrics} for seed in seeds}
     summary: Dict[str, Any] = {f"{name}_miou": float(np.mean([results[(s, name)]["miou"] for s in seeds
                                                               if (s, name) in results])) for name, _ in RUNS}
     summary.update(per_seed=per_seed, seeds=seeds, full_seeds=[s for s in seeds if (s, "full") in results],
@@ -98,6 +106,7 @@ def _summary(cfg, seeds: List[int], results: Dict[Run, Dict[str, Any]]) -> Dict[
     gain = _gain(summary)
     summary["densecrf_gain_points"] = 100.0 * gain.mean
     summary["densecrf_gain_ci"] = gain.as_dict(scale=100.0)
+    summary["densecrf_gain_by_metric"] = {key: _gain(summary, key).as_dict(scale=100.0) for key in metrics}
     summary["settings"] = {"densecrf_weight": cfg.weak.densecrf.weight, "sigma_rgb": cfg.weak.densecrf.sigma_rgb,
                            "sigma_xy": cfg.weak.densecrf.sigma_xy, "scale": cfg.weak.densecrf.scale,
                            "source": cfg.weak.source, "scribble_fraction": cfg.weak.scribble_fraction,
@@ -129,10 +138,12 @@ def _in_process(subs: Dict[Run, Any], ctx: dist.DistContext, options: RunOptions
 
 
 def _run_result(metrics: Dict[str, Any], wall: float) -> Dict[str, Any]:
-    """One run's row: mIoU and its wall time over its iterations (start-up and the final
-    validation included; with child processes, the child's whole life)."""
+    """One run's row: its metrics of :data:`METRICS` (those it reports; mIoU always) and its wall
+    time over its iterations (start-up and the final validation included; with child processes,
+    the child's whole life)."""
     iterations = int(metrics.get("iteration") or 1)
-    return {"miou": float(metrics["miou"]), "seconds_per_iteration": wall / iterations,
+    scores = {key: float(metrics[key]) for key, _ in METRICS if metrics.get(key) is not None}
+    return {"miou": float(metrics["miou"]), **scores, "seconds_per_iteration": wall / iterations,
             "iterations": iterations, "wall_seconds": wall}
 
 
@@ -146,8 +157,26 @@ def comparison_table(summary: Dict[str, Any]) -> str:
              + (f"; mIoU: mean over seeds {seeds} [min, max]" if len(seeds) > 1 else ""), "-" * 43]
     for name, title in RUNS:
         values = [100 * r[f"{name}_miou"] for r in summary["per_seed"].values() if f"{name}_miou" in r]
-        walls = [r["seconds_per_iteration"] for key, r in summary["runs"].items() if key.split("/")[-1] == name]
+        walls = [r["seconds_per_iteration"] for key, r in summary["runs"].items()
+                 if key.split("/")[-1] == name and r["seconds_per_iteration"] is not None]
         spread = f"  [{min(values):.2f}, {max(values):.2f}]" if len(values) > 1 else \
             f"  (seed {summary['full_seeds'][0]} only)" if len(seeds) > 1 else ""
-        lines.append(f"{title:<20} {100 * summary[f'{name}_miou']:>9.2f} {sec(float(np.mean(walls))):>12}{spread}")
+        lines.append(f"{title:<20} {100 * summary[f'{name}_miou']:>9.2f} {sec(np.mean(walls) if walls else None):>12}"
+                     f"{spread}")
+    return "\n".join(lines)
+
+
+def gain_table(summary: Dict[str, Any]) -> str:
+    """DenseCRF - pCE in every metric of ``densecrf_gain_by_metric``: mean, paired 95 % t interval
+    and each seed's margin, in points."""
+    seeds = summary["seeds"]
+    lines = [f"DenseCRF - pCE, points (paired t over seeds {seeds}):",
+             f"{'metric':<20} {'mean':>7}  {'95 % CI':<17} per seed"]
+    for key, title in METRICS:
+        ci = summary["densecrf_gain_by_metric"].get(key)
+        if ci is None:
+            continue
+        margins = " ".join(f"{100 * (r[f'densecrf_{key}'] - r[f'pce_{key}']):+.2f}" for r in summary["per_seed"].values())
+        bounds = f"[{ci['ci_low']:+.2f}, {ci['ci_high']:+.2f}]"
+        lines.append(f"{title:<20} {ci['mean']:>+7.2f}  {bounds:<17} {margins}")
     return "\n".join(lines)
