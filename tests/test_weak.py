@@ -283,6 +283,38 @@ def test_comparison_over_seeds_trains_full_labels_for_the_first_seed_only_when_a
     assert "(seed 3 only)" in capsys.readouterr().out
 
 
+def test_resumed_comparison_keeps_finished_runs_and_trains_only_the_added_seeds(tiny_cityscapes, tmp_path, ctx):
+    """More seeds later: --resume with a longer weak.seeds trains the new seeds only; the finished
+    runs keep their files and their measured time, and a finished run is never reported under
+    settings it was not trained with."""
+    opts = {"output_dir": tmp_path / "cmp", "data.dataset_dir": tiny_cityscapes, "data.crop_size": "[64, 128]",
+            "data.class_uniform_fraction": 0.0, "data.num_workers": 0, "model.arch": "lighthrnet.HRNet16",
+            "train.max_iters": 1, "train.batch_size": 2, "train.image_interval": 0, "train.val_interval": 0,
+            "train.device": "cpu", "train.amp": "off", "val.batch_size": 1, "val.num_workers": 0, "val.max_images": 1,
+            "weak.compare": "true", "weak.min_area": 10, "weak.seeds": "[0]"}
+    first = compare_supervision(weak_config(**opts), ctx, RunOptions())
+    seed0 = {name: (tmp_path / "cmp" / "seed0" / name) for name in ("pce", "densecrf", "full")}
+    before = {name: ((d / "metrics.json").read_bytes(), (d / "last.pth").stat().st_mtime_ns) for name, d in seed0.items()}
+    summary = compare_supervision(weak_config(**{**opts, "weak.seeds": "[0, 1]"}), ctx, RunOptions(resume="auto"))
+    for name, d in seed0.items():
+        assert ((d / "metrics.json").read_bytes(), (d / "last.pth").stat().st_mtime_ns) == before[name]
+        assert summary["runs"][f"seed0/{name}"]["reused"] is True
+    for name in ("pce", "densecrf"):
+        measured = json.loads((seed0[name] / "metrics.json").read_text())["train_seconds_per_iteration"]
+        assert summary["runs"][f"seed0/{name}"]["seconds_per_iteration"] == measured
+        assert (tmp_path / "cmp" / "seed1" / name / "metrics.json").is_file()
+        assert "reused" not in summary["runs"][f"seed1/{name}"]
+    assert summary["per_seed"]["0"] == first["per_seed"]["0"] and summary["seeds"] == [0, 1]
+    # other validation settings: the same weights are validated again, not kept
+    summary = compare_supervision(weak_config(**{**opts, "weak.seeds": "[0, 1]", "val.max_images": 2}), ctx,
+                                  RunOptions(resume="auto"))
+    assert not any(run.get("reused") for run in summary["runs"].values())
+    assert json.loads((seed0["pce"] / "metrics.json").read_text())["num_images"] == 2
+    assert (seed0["pce"] / "last.pth").stat().st_mtime_ns == before["pce"][1]
+    with pytest.raises(UserError, match=r"seed0/pce was trained with other settings \(optim.lr"):
+        compare_supervision(weak_config(**{**opts, "optim.lr": 0.5}), ctx, RunOptions(resume="auto"))
+
+
 def test_training_on_voc_scribbles(tmp_path, ctx):
     from experiment.methods import train
 

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import os
 from typing import Any, Iterator, Mapping
 
+from experiment.checkpoints import config_differences, flatten, load_training_checkpoint
 from experiment.errors import UserError
 from experiment.methods import RunOptions
 from experiment.run_dir import Outputs, claim_output_dir, holding
 from experiment.runtime import on_main_first
+from utils.config import config_to_dict
+
+log = logging.getLogger("experiment.comparisons")
 
 
 @contextlib.contextmanager
@@ -49,3 +55,28 @@ def with_settings(cfg: Any, output_dir: str, settings: Mapping[str, Any]) -> Any
             owner = getattr(owner, part)
         setattr(owner, name, value)
     return sub
+
+
+def finished_earlier(sub: Any, what: str) -> bool:
+    """Whether the run of ``sub`` (a ``what``: "ablation run", ...) finished earlier with the same
+    settings, so that a resumed comparison keeps it; a finished run whose settings differ (it
+    would be reported under the new ones) is refused, naming them.  One whose validation
+    settings changed is not kept: resumed, it is validated again."""
+    if not os.path.isfile(os.path.join(sub.output_dir, "metrics.json")):
+        return False
+    path = os.path.join(sub.output_dir, "last.pth")
+    saved = load_training_checkpoint(path).get("config") if os.path.isfile(path) else None
+    if not isinstance(saved, dict):
+        raise UserError(f"{what} {sub.output_dir} finished but its last.pth records no config to compare; "
+                        "start anew (--overwrite) or in another --output_dir")
+    refused, _ = config_differences(saved, config_to_dict(sub))
+    if refused:
+        raise UserError(f"--resume: the finished {what} {sub.output_dir} was trained with other settings "
+                        f"({', '.join(refused)}); start anew (--overwrite) or in another --output_dir")
+    old, new = flatten(saved), flatten(config_to_dict(sub))
+    scored = [k for k in new if (k.startswith("val.") or k == "model.eval_scales") and old.get(k, new[k]) != new[k]]
+    if scored:  # the weights are the same, the metrics were not measured this way: validate again
+        log.info("%s %s finished earlier; validated again for the changed %s", what, sub.output_dir, ", ".join(scored))
+        return False
+    log.info("%s %s finished earlier with the same settings: kept", what, sub.output_dir)
+    return True

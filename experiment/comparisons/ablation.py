@@ -36,9 +36,9 @@ import torch
 
 from datasets import ClassTable
 from experiment.acceleration import place_model, to_device_images
-from experiment.comparisons import comparison_dir, run_options
+from experiment.comparisons import comparison_dir, finished_earlier, run_options
 from experiment.comparisons.children import ChildRun, run_children, use_children
-from experiment.checkpoints import config_differences, flatten, load_training_checkpoint
+from experiment.checkpoints import flatten
 from experiment.config import ExperimentConfig, require
 from experiment.data import dataset_root, table_of, val_dataset
 from experiment.errors import UserError
@@ -291,24 +291,6 @@ def _figure_from_checkpoints(cfg: AblationExperimentConfig, variants: List[str],
     return rows
 
 
-def _finished(sub: ExperimentConfig) -> bool:
-    """Whether the run of ``sub`` finished earlier with the same settings; a finished run whose
-    settings differ (it would be reported under the new ones) is refused, naming them."""
-    if not os.path.isfile(os.path.join(sub.output_dir, "metrics.json")):
-        return False
-    path = os.path.join(sub.output_dir, "last.pth")
-    saved = load_training_checkpoint(path).get("config") if os.path.isfile(path) else None
-    if not isinstance(saved, dict):
-        raise UserError(f"ablation run {sub.output_dir} finished but its last.pth records no config to compare; "
-                        "start the ablation anew (--overwrite) or in another --output_dir")
-    refused, _ = config_differences(saved, config_to_dict(sub))
-    if refused:
-        raise UserError(f"--resume: the finished ablation run {sub.output_dir} was trained with other settings "
-                        f"({', '.join(refused)}); start anew (--overwrite) or in another --output_dir")
-    log.info("ablation: %s finished earlier with the same settings", sub.output_dir)
-    return True
-
-
 def _train_runs(cfg: AblationExperimentConfig, ctx: dist.DistContext, options: RunOptions,
                 todo: List[Tuple[str, int, ExperimentConfig]], parallel: bool) -> None:
     a = cfg.ablation
@@ -355,7 +337,7 @@ def _run_ablation(cfg: AblationExperimentConfig, ctx: dist.DistContext, options:
     a = cfg.ablation
     base = ensure_base(cfg, ctx) if a.mode == "finetune" else None
     runs = [(name, seed, variant_config(cfg, name, seed, base)) for seed in a.seeds for name in a.variants]
-    todo = [(name, seed, sub) for name, seed, sub in runs if not (options.resume and _finished(sub))]
+    todo = [(name, seed, sub) for name, seed, sub in runs if not (options.resume and finished_earlier(sub, "ablation run"))]
     if ctx.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     parallel = use_children(a.processes, ctx.world_size, "ablation.processes")

@@ -8,7 +8,8 @@ mean over the seeds and the DenseCRF - pCE margin comes with its paired 95 % t i
 margin in every other metric the runs report (``densecrf_gain_by_metric``: pixel accuracy,
 mean class accuracy, mBA, boundary F, Boundary IoU), since the loss acts on boundaries first.  With
 ``weak.processes`` > 1 (single-process jobs) the runs train at once as child processes, each
-with ``weak.cpu_threads`` threads."""
+with ``weak.cpu_threads`` threads.  ``--resume`` keeps every run that finished with the same
+settings, so a longer ``weak.seeds`` trains only the added seeds."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
-from experiment.comparisons import comparison_dir, run_options, with_settings
+from experiment.comparisons import comparison_dir, finished_earlier, run_options, with_settings
 from experiment.comparisons.children import ChildRun, run_children, use_children
 from experiment.errors import UserError
 from experiment.methods import RunOptions, get_method, run_single
@@ -66,16 +67,22 @@ def _compare(cfg, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
     subs = {(seed, name): with_settings(cfg, _run_dir(cfg, seed, name), {**SETTINGS[name], "train.seed": seed})
             for seed in seeds for name, _ in RUNS if name != "full" or cfg.weak.full_every_seed or seed == seeds[0]}
     parallel = use_children(cfg.weak.processes, ctx.world_size, "weak.processes")
-    results = _in_children(cfg, subs, options) if parallel else _in_process(subs, ctx, options)
+    kept = [run for run, sub in subs.items() if options.resume and finished_earlier(sub, "comparison run")]
+    todo = {run: sub for run, sub in subs.items() if run not in kept}
+    results = {run: _kept_result(subs[run]) for run in kept}
+    if todo:
+        results.update(_in_children(cfg, todo, options) if parallel else _in_process(todo, ctx, options))
     summary = _summary(cfg, seeds, results)
     summary["settings"]["processes"] = cfg.weak.processes if parallel else 1
     if ctx.is_main:
         path = os.path.join(cfg.output_dir, "comparison.json")
         atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
         print(comparison_table(summary))
-        if parallel:
-            print(f"(runs trained {min(cfg.weak.processes, len(subs))} at a time as child processes sharing the "
+        if parallel and todo:
+            print(f"(runs trained {min(cfg.weak.processes, len(todo))} at a time as child processes sharing the "
                   "CPU: s/iteration is each run's share of it)")
+        if kept:
+            print(f"({len(kept)} runs finished earlier and were kept: their s/iteration is their training loop's)")
         if len(seeds) > 1:
             print("\n" + gain_table(summary))
         print(f"\nDenseCRF - pCE mIoU: {_gain(summary).describe()} (paper, VOC 2012: +3.6 points); written to {path}")
@@ -135,6 +142,16 @@ def _in_process(subs: Dict[Run, Any], ctx: dist.DistContext, options: RunOptions
         metrics, _ = run_single(get_method(sub.method), sub, ctx, run_options(options))
         results[run] = _run_result(metrics, time.time() - started)
     return results
+
+
+def _kept_result(sub) -> Dict[str, Any]:
+    """The row of a run kept from an earlier comparison: its metrics, and its training loop's time
+    per iteration as it recorded it (its wall time then is not known here)."""
+    with open(os.path.join(sub.output_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    row = _run_result(metrics, 0.0)
+    return {**row, "seconds_per_iteration": metrics.get("train_seconds_per_iteration"), "wall_seconds": None,
+            "reused": True}
 
 
 def _run_result(metrics: Dict[str, Any], wall: float) -> Dict[str, Any]:
