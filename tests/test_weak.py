@@ -294,7 +294,8 @@ def test_resumed_comparison_keeps_finished_runs_and_trains_only_the_added_seeds(
             "weak.compare": "true", "weak.min_area": 10, "weak.seeds": "[0]"}
     first = compare_supervision(weak_config(**opts), ctx, RunOptions())
     seed0 = {name: (tmp_path / "cmp" / "seed0" / name) for name in ("pce", "densecrf", "full")}
-    before = {name: ((d / "metrics.json").read_bytes(), (d / "last.pth").stat().st_mtime_ns) for name, d in seed0.items()}
+    before = {name: ((d / "metrics.json").read_bytes(), (d / "last.pth").stat().st_mtime_ns)
+              for name, d in seed0.items()}
     summary = compare_supervision(weak_config(**{**opts, "weak.seeds": "[0, 1]"}), ctx, RunOptions(resume="auto"))
     for name, d in seed0.items():
         assert ((d / "metrics.json").read_bytes(), (d / "last.pth").stat().st_mtime_ns) == before[name]

@@ -337,7 +337,8 @@ def _run_ablation(cfg: AblationExperimentConfig, ctx: dist.DistContext, options:
     a = cfg.ablation
     base = ensure_base(cfg, ctx) if a.mode == "finetune" else None
     runs = [(name, seed, variant_config(cfg, name, seed, base)) for seed in a.seeds for name in a.variants]
-    todo = [(name, seed, sub) for name, seed, sub in runs if not (options.resume and finished_earlier(sub, "ablation run"))]
+    todo = [(name, seed, sub) for name, seed, sub in runs
+            if not (options.resume and finished_earlier(sub, "ablation run"))]
     if ctx.is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     parallel = use_children(a.processes, ctx.world_size, "ablation.processes")

@@ -6,7 +6,7 @@ run of method ``weak`` in OUTPUT_DIR/<run>; then the table and OUTPUT_DIR/compar
 mean over the seeds and the DenseCRF - pCE margin comes with its paired 95 % t interval
 (``weak.full_every_seed: false``: the full-labels run for the first seed only), and so does the
 margin in every other metric the runs report (``densecrf_gain_by_metric``: pixel accuracy,
-mean class accuracy, mBA, boundary F, Boundary IoU), since the loss acts on boundaries first.  With
+mean class accuracy, mBA, boundary F, Boundary IoU).  With
 ``weak.processes`` > 1 (single-process jobs) the runs train at once as child processes, each
 with ``weak.cpu_threads`` threads.  ``--resume`` keeps every run that finished with the same
 settings, so a longer ``weak.seeds`` trains only the added seeds."""
@@ -193,7 +193,8 @@ def gain_table(summary: Dict[str, Any]) -> str:
         ci = summary["densecrf_gain_by_metric"].get(key)
         if ci is None:
             continue
-        margins = " ".join(f"{100 * (r[f'densecrf_{key}'] - r[f'pce_{key}']):+.2f}" for r in summary["per_seed"].values())
+        margins = " ".join(f"{100 * (r[f'densecrf_{key}'] - r[f'pce_{key}']):+.2f}"
+                           for r in summary["per_seed"].values())
         bounds = f"[{ci['ci_low']:+.2f}, {ci['ci_high']:+.2f}]"
         lines.append(f"{title:<20} {ci['mean']:>+7.2f}  {bounds:<17} {margins}")
     return "\n".join(lines)
