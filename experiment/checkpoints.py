@@ -137,6 +137,8 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
 # Config keys a resume may change, and what the change does.  Every other key is part of the
 # training trajectory (data, model, loss, optimizer, schedule, seed, precision): a changed value
 # cannot continue exactly, so the resume is refused and the keys are named.  Methods add theirs.
+# what the keys below that change only how a run is scored say they affect
+VALIDATION_ONLY = "validation only"
 RESUME_MAY_CHANGE = {
     "output_dir": "where outputs go",
     "data.dataset_dir": "the dataset's location (the images must be the same)",
@@ -144,7 +146,7 @@ RESUME_MAY_CHANGE = {
     "data.num_workers": "loading speed only (samples are seeded by index, not by worker)",
     "model.pretrained_backbone": "nothing (used only to initialise a new run)",
     "model.init_checkpoint": "nothing (used only to initialise a new run)",
-    "model.eval_scales": "validation only",
+    "model.eval_scales": VALIDATION_ONLY,
     "train.device": "the device; results stay equal only to floating-point tolerance across devices",
     "train.log_interval": "logging cadence only",
     "train.image_interval": "TensorBoard images only",
@@ -156,7 +158,7 @@ RESUME_MAY_CHANGE = {
     "train.resume": "how a start finds an earlier run, not the run itself",
     "cuda_overrides": "nothing by itself (the keys it sets are compared like any other)",
 }
-RESUME_MAY_CHANGE_SECTIONS = {"val": "validation only (metrics and best.pth selection), not the weights"}
+RESUME_MAY_CHANGE_SECTIONS = {"val": VALIDATION_ONLY + " (metrics and best.pth selection), not the weights"}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -189,6 +191,14 @@ def config_differences(saved_cfg: Mapping[str, Any], config: Mapping[str, Any],
     if unknown:
         notices.append(f"keys not recorded in the checkpoint (taken as given now): {', '.join(unknown)}")
     return refused, notices
+
+
+def validation_changes(saved_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> List[str]:
+    """The changed keys that change only validation: a resume may change them, but the metrics a
+    finished run recorded were measured without them."""
+    old, new = flatten(saved_cfg), flatten(config)
+    return [k for k in new if k in old and old[k] != new[k]
+            and (_allowed(k, RESUME_MAY_CHANGE) or "").startswith(VALIDATION_ONLY)]
 
 
 def check_resume(state: Mapping[str, Any], path: str, config: Mapping[str, Any], *, world_size: int,

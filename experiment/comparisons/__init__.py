@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any, Iterator, Mapping
 
-from experiment.checkpoints import config_differences, flatten, load_training_checkpoint
+from experiment.checkpoints import config_differences, load_training_checkpoint, validation_changes
 from experiment.errors import UserError
 from experiment.methods import RunOptions
 from experiment.run_dir import Outputs, claim_output_dir, holding
@@ -69,12 +69,12 @@ def finished_earlier(sub: Any, what: str) -> bool:
     if not isinstance(saved, dict):
         raise UserError(f"{what} {sub.output_dir} finished but its last.pth records no config to compare; "
                         "start anew (--overwrite) or in another --output_dir")
-    refused, _ = config_differences(saved, config_to_dict(sub))
+    config = config_to_dict(sub)
+    refused, _ = config_differences(saved, config)
     if refused:
         raise UserError(f"--resume: the finished {what} {sub.output_dir} was trained with other settings "
                         f"({', '.join(refused)}); start anew (--overwrite) or in another --output_dir")
-    old, new = flatten(saved), flatten(config_to_dict(sub))
-    scored = [k for k in new if (k.startswith("val.") or k == "model.eval_scales") and old.get(k, new[k]) != new[k]]
+    scored = validation_changes(saved, config)
     if scored:  # the weights are the same, the metrics were not measured this way: validate again
         log.info("%s %s finished earlier; validated again for the changed %s", what, sub.output_dir, ", ".join(scored))
         return False

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ def _compare(cfg, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
     parallel = use_children(cfg.weak.processes, ctx.world_size, "weak.processes")
     kept = [run for run, sub in subs.items() if options.resume and finished_earlier(sub, "comparison run")]
     todo = {run: sub for run, sub in subs.items() if run not in kept}
-    results = {run: _kept_result(subs[run]) for run in kept}
+    results = {run: _run_result(_metrics(subs[run])) for run in kept}
     if todo:
         results.update(_in_children(cfg, todo, options) if parallel else _in_process(todo, ctx, options))
     summary = _summary(cfg, seeds, results)
@@ -127,11 +127,7 @@ def _in_children(cfg, subs: Dict[Run, Any], options: RunOptions) -> Dict[Run, Di
     label = {run: dict(RUNS)[run[1]] + (f", seed {run[0]}" if cfg.weak.seeds else "") for run in subs}
     walls = run_children([ChildRun(label[run], subs[run]) for run in order], cfg.weak.processes,
                          cfg.weak.cpu_threads, bool(options.resume), what="comparison run")
-    results = {}
-    for run, sub in subs.items():
-        with open(os.path.join(sub.output_dir, "metrics.json")) as f:
-            results[run] = _run_result(json.load(f), walls[label[run]])
-    return results
+    return {run: _run_result(_metrics(sub), walls[label[run]]) for run, sub in subs.items()}
 
 
 def _in_process(subs: Dict[Run, Any], ctx: dist.DistContext, options: RunOptions) -> Dict[Run, Dict[str, Any]]:
@@ -144,24 +140,23 @@ def _in_process(subs: Dict[Run, Any], ctx: dist.DistContext, options: RunOptions
     return results
 
 
-def _kept_result(sub) -> Dict[str, Any]:
-    """The row of a run kept from an earlier comparison: its metrics, and its training loop's time
-    per iteration as it recorded it (its wall time then is not known here)."""
+def _metrics(sub) -> Dict[str, Any]:
     with open(os.path.join(sub.output_dir, "metrics.json")) as f:
-        metrics = json.load(f)
-    row = _run_result(metrics, 0.0)
-    return {**row, "seconds_per_iteration": metrics.get("train_seconds_per_iteration"), "wall_seconds": None,
-            "reused": True}
+        return json.load(f)
 
 
-def _run_result(metrics: Dict[str, Any], wall: float) -> Dict[str, Any]:
+def _run_result(metrics: Dict[str, Any], wall: Optional[float] = None) -> Dict[str, Any]:
     """One run's row: its metrics of :data:`METRICS` (those it reports; mIoU always) and its wall
     time over its iterations (start-up and the final validation included; with child processes,
-    the child's whole life)."""
+    the child's whole life).  ``wall`` None: a run kept from an earlier comparison, whose wall
+    time is not known here: its training loop's time per iteration, as it recorded it."""
     iterations = int(metrics.get("iteration") or 1)
-    scores = {key: float(metrics[key]) for key, _ in METRICS if metrics.get(key) is not None}
-    return {"miou": float(metrics["miou"]), **scores, "seconds_per_iteration": wall / iterations,
-            "iterations": iterations, "wall_seconds": wall}
+    row = {"miou": float(metrics["miou"]), "iterations": iterations,
+           **{key: float(metrics[key]) for key, _ in METRICS if metrics.get(key) is not None}}
+    if wall is None:
+        return {**row, "seconds_per_iteration": metrics.get("train_seconds_per_iteration"), "wall_seconds": None,
+                "reused": True}
+    return {**row, "seconds_per_iteration": wall / iterations, "wall_seconds": wall}
 
 
 def comparison_table(summary: Dict[str, Any]) -> str:
