@@ -1,20 +1,24 @@
 """Comparisons: drivers above the engine that start ordinary runs and report them side by side
 (the InverseForm ablation, the supervision comparison for scribbles, uniform vs adaptive
 sampling over seeds).  Each claims its own directory like a run does, and hands its runs to the
-engine in this process or to child processes (children.py)."""
+engine in this process or to child processes (children.py).  A comparison whose runs fine-tune
+one base model trains it here once and caches it under a name made of its settings."""
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
-from experiment.checkpoints import config_differences, load_training_checkpoint, validation_changes
+from experiment.checkpoints import config_differences, flatten, load_training_checkpoint, validation_changes
 from experiment.errors import UserError
-from experiment.methods import RunOptions
+from experiment.methods import RunOptions, get_method, run_single
 from experiment.run_dir import Outputs, claim_output_dir, holding
 from experiment.runtime import on_main_first
+from utils import dist
 from utils.config import config_to_dict
 
 log = logging.getLogger("experiment.comparisons")
@@ -80,3 +84,33 @@ def finished_earlier(sub: Any, what: str) -> bool:
         return False
     log.info("%s %s finished earlier with the same settings: kept", what, sub.output_dir)
     return True
+
+
+# Keys that change neither a base model's weights nor its data: left out of its folder's name.
+NOT_IN_BASE_NAME = ("output_dir", "data.num_workers", "val.", "train.log_interval", "train.image_interval",
+                    "train.val_interval", "train.checkpoint_interval", "train.stop_timeout", "train.resume")
+
+
+def cached_base(sub: Any, base_dir: str, prefix: str, ignore: Sequence[str] = ()) -> Any:
+    """``sub`` writing into BASE_DIR/<prefix>-<hash of the settings that shape its weights> (all
+    but :data:`NOT_IN_BASE_NAME` and ``ignore``; a key ending in "." names its section): the same
+    settings find the same folder, so a finished base model is trained once and reused by later
+    comparisons."""
+    skip = NOT_IN_BASE_NAME + tuple(ignore)
+    settings = {k: v for k, v in flatten(config_to_dict(sub)).items()
+                if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in skip)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return with_settings(sub, os.path.join(base_dir, f"{prefix}-{digest}"), {})
+
+
+def ensure_base(sub: Any, ctx: dist.DistContext, what: str) -> str:
+    """The last.pth of the base run ``sub`` (a ``what``: "ablation", ...): reused when its run
+    finished, else trained in this process (an interrupted base continues where it stopped)."""
+    path = os.path.join(sub.output_dir, "last.pth")
+    if os.path.isfile(os.path.join(sub.output_dir, "metrics.json")) and os.path.isfile(path):
+        log.info("%s: reusing the base model %s (same settings)", what, sub.output_dir)
+        return path
+    log.info("%s: training the base model (%d epochs, seed %d) into %s; later runs with the same settings "
+             "reuse it", what, sub.train.epochs, sub.train.seed, sub.output_dir)
+    run_single(get_method(sub.method), sub, ctx, RunOptions(resume="auto"))
+    return path

@@ -23,7 +23,6 @@ threads.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -36,9 +35,8 @@ import torch
 
 from datasets import ClassTable
 from experiment.acceleration import place_model, to_device_images
-from experiment.comparisons import comparison_dir, finished_earlier, run_options
+from experiment.comparisons import cached_base, comparison_dir, ensure_base, finished_earlier, run_options
 from experiment.comparisons.children import ChildRun, run_children, use_children
-from experiment.checkpoints import flatten
 from experiment.config import ExperimentConfig, require
 from experiment.data import dataset_root, table_of, val_dataset
 from experiment.errors import UserError
@@ -142,11 +140,6 @@ def variant_config(cfg: "AblationExperimentConfig", variant: str, seed: int,
     return build_dataclass(ExperimentConfig, apply_overrides(data, overrides))
 
 
-# Keys that change neither the base model's weights nor its data: left out of its name.
-_NOT_IN_BASE_NAME = ("output_dir", "data.num_workers", "val.", "train.log_interval", "train.image_interval",
-                     "train.val_interval", "train.checkpoint_interval", "train.stop_timeout", "train.resume")
-
-
 def base_config(cfg: "AblationExperimentConfig") -> ExperimentConfig:
     """The base model's config: the ``joint`` objective, ``base_seed``, ``base_epochs``, in
     BASE_DIR/joint-<hash of the settings that shape its weights>; the same settings find the
@@ -155,25 +148,7 @@ def base_config(cfg: "AblationExperimentConfig") -> ExperimentConfig:
     sub = variant_config(cfg, "joint", a.base_seed)
     sub.train.epochs = a.base_epochs
     sub.train.max_iters = None
-    settings = {k: v for k, v in flatten(config_to_dict(sub)).items()
-                if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in _NOT_IN_BASE_NAME)}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    sub.output_dir = os.path.join(a.base_dir, f"joint-{digest}")
-    return sub
-
-
-def ensure_base(cfg: "AblationExperimentConfig", ctx: dist.DistContext) -> str:
-    """The base model's last.pth: reused when its run finished, else trained (an interrupted
-    base continues where it stopped)."""
-    sub = base_config(cfg)
-    path = os.path.join(sub.output_dir, "last.pth")
-    if os.path.isfile(os.path.join(sub.output_dir, "metrics.json")) and os.path.isfile(path):
-        log.info("ablation: reusing the base model %s (same settings)", sub.output_dir)
-        return path
-    log.info("ablation: training the base model (joint loss, %d epochs, seed %d) into %s; later ablations "
-             "with the same settings reuse it", sub.train.epochs, sub.train.seed, sub.output_dir)
-    run_single(get_method(sub.method), sub, ctx, RunOptions(resume="auto"))
-    return path
+    return cached_base(sub, a.base_dir, "joint")
 
 
 def summarise(per_seed: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, Optional[float]]]:
@@ -335,7 +310,7 @@ def run_ablation(cfg: AblationExperimentConfig, ctx: dist.DistContext, options: 
 
 def _run_ablation(cfg: AblationExperimentConfig, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
     a = cfg.ablation
-    base = ensure_base(cfg, ctx) if a.mode == "finetune" else None
+    base = ensure_base(base_config(cfg), ctx, "ablation") if a.mode == "finetune" else None
     runs = [(name, seed, variant_config(cfg, name, seed, base)) for seed in a.seeds for name in a.variants]
     todo = [(name, seed, sub) for name, seed, sub in runs
             if not (options.resume and finished_earlier(sub, "ablation run"))]

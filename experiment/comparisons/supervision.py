@@ -9,7 +9,9 @@ margin in every other metric the runs report (``densecrf_gain_by_metric``: pixel
 mean class accuracy, mBA, boundary F, Boundary IoU).  With
 ``weak.processes`` > 1 (single-process jobs) the runs train at once as child processes, each
 with ``weak.cpu_threads`` threads.  ``--resume`` keeps every run that finished with the same
-settings, so a longer ``weak.seeds`` trains only the added seeds."""
+settings, so a longer ``weak.seeds`` trains only the added seeds.  ``weak.mode: finetune`` is
+the reference's two-phase recipe: one pCE base model, cached and reused, then every run
+fine-tunes it."""
 from __future__ import annotations
 
 import json
@@ -21,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from experiment.comparisons import comparison_dir, finished_earlier, run_options, with_settings
+from experiment.comparisons import cached_base, comparison_dir, ensure_base, finished_earlier, run_options, with_settings
 from experiment.comparisons.children import ChildRun, run_children, use_children
 from experiment.errors import UserError
 from experiment.methods import RunOptions, get_method, run_single
@@ -36,11 +38,16 @@ RUNS = (("pce", "pCE"), ("densecrf", "pCE + DenseCRF"), ("full", "full supervisi
 # the metrics of each run whose DenseCRF - pCE margin gets an interval; mIoU (the paper's) first
 METRICS = (("miou", "mIoU"), ("pixel_acc", "pixel accuracy"), ("mean_class_acc", "mean class accuracy"),
            ("mba", "mBA"), ("boundary_f", "boundary F"), ("boundary_iou", "Boundary IoU"))
+_RUN = {"weak.compare": False, "weak.seeds": [], "weak.mode": "scratch"}
 SETTINGS = {
-    "pce": {"weak.densecrf.weight": 0.0, "weak.labels": "scribbles", "weak.compare": False, "weak.seeds": []},
-    "densecrf": {"weak.labels": "scribbles", "weak.compare": False, "weak.seeds": []},
-    "full": {"weak.densecrf.weight": 0.0, "weak.labels": "full", "weak.compare": False, "weak.seeds": []},
+    "pce": {**_RUN, "weak.densecrf.weight": 0.0, "weak.labels": "scribbles"},
+    "densecrf": {**_RUN, "weak.labels": "scribbles"},
+    "full": {**_RUN, "weak.densecrf.weight": 0.0, "weak.labels": "full"},
 }
+# Keys that do not shape the pCE base model's weights: the comparison's own (how its runs are
+# spread, the fine-tunes') and the DenseCRF's, which the base does not use.
+NOT_IN_BASE_NAME = ("weak.densecrf.", "weak.full_every_seed", "weak.cpu_threads", "weak.processes",
+                    "weak.base_dir", "weak.finetune_lr", "weak.finetune_warmup_iters")
 OUTPUTS = Outputs(marks=("comparison.json", "seed*") + tuple(name for name, _ in RUNS), companions=("config.yaml",))
 Run = Tuple[int, str]  # (seed, run name)
 
@@ -61,10 +68,12 @@ def compare_supervision(cfg, ctx: dist.DistContext, options: RunOptions) -> Dict
 
 
 def _compare(cfg, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
+    base = ensure_base(base_config(cfg), ctx, "scribble comparison") if cfg.weak.mode == "finetune" else None
     if cfg.weak.cpu_threads and ctx.device.type == "cpu":
         torch.set_num_threads(cfg.weak.cpu_threads)
     seeds = list(cfg.weak.seeds) or [cfg.train.seed]
-    subs = {(seed, name): with_settings(cfg, _run_dir(cfg, seed, name), {**SETTINGS[name], "train.seed": seed})
+    subs = {(seed, name): with_settings(cfg, _run_dir(cfg, seed, name),
+                                        {**SETTINGS[name], "train.seed": seed, **_finetune(cfg, base)})
             for seed in seeds for name, _ in RUNS if name != "full" or cfg.weak.full_every_seed or seed == seeds[0]}
     parallel = use_children(cfg.weak.processes, ctx.world_size, "weak.processes")
     kept = [run for run, sub in subs.items() if options.resume and finished_earlier(sub, "comparison run")]
@@ -74,9 +83,14 @@ def _compare(cfg, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
         results.update(_in_children(cfg, todo, options) if parallel else _in_process(todo, ctx, options))
     summary = _summary(cfg, seeds, results)
     summary["settings"]["processes"] = cfg.weak.processes if parallel else 1
+    summary["base"] = base
     if ctx.is_main:
         path = os.path.join(cfg.output_dir, "comparison.json")
         atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+        if base is not None:
+            w = cfg.weak
+            print(f"every run fine-tunes {base} (pCE, {w.base_epochs} epochs, seed {w.base_seed}) for "
+                  f"{cfg.train.epochs} epochs at lr {w.finetune_lr or cfg.optim.lr:g}")
         print(comparison_table(summary))
         if parallel and todo:
             print(f"(runs trained {min(cfg.weak.processes, len(todo))} at a time as child processes sharing the "
@@ -87,6 +101,23 @@ def _compare(cfg, ctx: dist.DistContext, options: RunOptions) -> Dict[str, Any]:
             print("\n" + gain_table(summary))
         print(f"\nDenseCRF - pCE mIoU: {_gain(summary).describe()} (paper, VOC 2012: +3.6 points); written to {path}")
     return summary
+
+
+def base_config(cfg) -> Any:
+    """The two-phase recipe's first phase: the pCE run with ``weak.base_seed`` for
+    ``weak.base_epochs``, in WEAK.BASE_DIR/pce-<hash of the settings that shape its weights>."""
+    w = cfg.weak
+    sub = with_settings(cfg, cfg.output_dir, {**SETTINGS["pce"], "train.seed": w.base_seed,
+                                              "train.epochs": w.base_epochs, "train.max_iters": None})
+    return cached_base(sub, w.base_dir, "pce", ignore=NOT_IN_BASE_NAME)
+
+
+def _finetune(cfg, base: Optional[str]) -> Dict[str, Any]:
+    """The settings that make a run of the comparison fine-tune ``base`` (none without one)."""
+    if base is None:
+        return {}
+    lr = {"optim.lr": cfg.weak.finetune_lr} if cfg.weak.finetune_lr is not None else {}
+    return {"model.init_checkpoint": base, "optim.warmup_iters": cfg.weak.finetune_warmup_iters, **lr}
 
 
 def _run_dir(cfg, seed: int, name: str) -> str:
@@ -117,7 +148,12 @@ def _summary(cfg, seeds: List[int], results: Dict[Run, Dict[str, Any]]) -> Dict[
     summary["settings"] = {"densecrf_weight": cfg.weak.densecrf.weight, "sigma_rgb": cfg.weak.densecrf.sigma_rgb,
                            "sigma_xy": cfg.weak.densecrf.sigma_xy, "scale": cfg.weak.densecrf.scale,
                            "source": cfg.weak.source, "scribble_fraction": cfg.weak.scribble_fraction,
-                           "stroke_width": cfg.weak.stroke_width, "seed": seeds[0] if len(seeds) == 1 else seeds}
+                           "stroke_width": cfg.weak.stroke_width, "seed": seeds[0] if len(seeds) == 1 else seeds,
+                           "mode": cfg.weak.mode}
+    if cfg.weak.mode == "finetune":
+        summary["settings"].update(base_epochs=cfg.weak.base_epochs, base_seed=cfg.weak.base_seed,
+                                   finetune_lr=cfg.weak.finetune_lr or cfg.optim.lr,
+                                   finetune_warmup_iters=cfg.weak.finetune_warmup_iters)
     return summary
 
 

@@ -78,6 +78,17 @@ class WeakConfig:
     # runs of the comparison trained at once as child processes (single-process jobs only; each
     # with cpu_threads threads): 2 on a 2-core CPU runs the three in the time of the two longest
     processes: int = 1
+    # scratch: every run of the comparison from the initialisation.  finetune: the reference's
+    # two-phase recipe (meng-tang/rloss, its Caffe scripts: pCE first, then fine-tuned with the
+    # regularized loss): one pCE base model (base_seed, base_epochs; cached in base_dir, named by
+    # the hash of the settings that shape its weights), then every run of every seed fine-tunes
+    # it for train.epochs at finetune_lr (None: optim.lr)
+    mode: str = "scratch"
+    base_epochs: int = 40
+    base_seed: int = 0
+    base_dir: str = path_field("runs/scribble_bases")
+    finetune_lr: Optional[float] = None
+    finetune_warmup_iters: int = 0
 
     def validate(self) -> None:
         require(self.processes >= 1, f"config key 'weak.processes' must be >= 1, got {self.processes}")
@@ -90,6 +101,15 @@ class WeakConfig:
         require(self.source != "voc" or bool(self.voc_dir), "config key 'weak.voc_dir' is required with weak.source=voc")
         require(self.cpu_threads is None or self.cpu_threads >= 1,
                f"config key 'weak.cpu_threads' must be >= 1 or null, got {self.cpu_threads}")
+        require(self.mode in ("scratch", "finetune"), f"config key 'weak.mode' must be scratch or finetune, got {self.mode!r}")
+        require(self.mode == "scratch" or self.compare,
+                "config key 'weak.mode' finetune is the comparison's two-phase recipe: set weak.compare=true "
+                "(a single run fine-tunes a checkpoint with model.init_checkpoint)")
+        require(self.base_epochs >= 1, f"config key 'weak.base_epochs' must be >= 1, got {self.base_epochs}")
+        require(self.finetune_lr is None or self.finetune_lr > 0,
+                f"config key 'weak.finetune_lr' must be > 0 or null, got {self.finetune_lr}")
+        require(self.finetune_warmup_iters >= 0,
+                f"config key 'weak.finetune_warmup_iters' must be >= 0, got {self.finetune_warmup_iters}")
 
 
 @dataclasses.dataclass
