@@ -137,15 +137,16 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
 # Config keys a resume may change, and what the change does.  Every other key is part of the
 # training trajectory (data, model, loss, optimizer, schedule, seed, precision): a changed value
 # cannot continue exactly, so the resume is refused and the keys are named.  Methods add theirs.
-# what the keys below that change only how a run is scored say they affect
+# what the keys below that change only how a run is scored, or only how a new run starts, say they affect
 VALIDATION_ONLY = "validation only"
+INITIALISATION_ONLY = "nothing (used only to initialise a new run)"
 RESUME_MAY_CHANGE = {
     "output_dir": "where outputs go",
     "data.dataset_dir": "the dataset's location (the images must be the same)",
     "data.synthetic_dir": "the synthetic dataset's location",
     "data.num_workers": "loading speed only (samples are seeded by index, not by worker)",
-    "model.pretrained_backbone": "nothing (used only to initialise a new run)",
-    "model.init_checkpoint": "nothing (used only to initialise a new run)",
+    "model.pretrained_backbone": INITIALISATION_ONLY,
+    "model.init_checkpoint": INITIALISATION_ONLY,
     "model.eval_scales": VALIDATION_ONLY,
     "train.device": "the device; results stay equal only to floating-point tolerance across devices",
     "train.log_interval": "logging cadence only",
@@ -193,12 +194,13 @@ def config_differences(saved_cfg: Mapping[str, Any], config: Mapping[str, Any],
     return refused, notices
 
 
-def validation_changes(saved_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> List[str]:
-    """The changed keys that change only validation: a resume may change them, but the metrics a
-    finished run recorded were measured without them."""
+def changes_affecting(saved_cfg: Mapping[str, Any], config: Mapping[str, Any], effect: str) -> List[str]:
+    """The changed keys a resume may change whose effect is ``effect`` (VALIDATION_ONLY: the
+    metrics a finished run recorded were measured without them; INITIALISATION_ONLY: a finished
+    run started from other weights)."""
     old, new = flatten(saved_cfg), flatten(config)
     return [k for k in new if k in old and old[k] != new[k]
-            and (_allowed(k, RESUME_MAY_CHANGE) or "").startswith(VALIDATION_ONLY)]
+            and (_allowed(k, RESUME_MAY_CHANGE) or "").startswith(effect)]
 
 
 def check_resume(state: Mapping[str, Any], path: str, config: Mapping[str, Any], *, world_size: int,

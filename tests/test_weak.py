@@ -200,6 +200,15 @@ def test_scribbles_refuse_edge_and_inverseform_terms():
 
 
 # ----------------------------------------------------------------------------- training
+def tiny_comparison(root, out) -> dict:
+    """The options of a scribble comparison of one-iteration runs on the tiny dataset."""
+    return {"output_dir": out, "data.dataset_dir": root, "data.crop_size": "[64, 128]",
+            "data.class_uniform_fraction": 0.0, "data.num_workers": 0, "model.arch": "lighthrnet.HRNet16",
+            "train.max_iters": 1, "train.batch_size": 2, "train.image_interval": 0, "train.val_interval": 0,
+            "train.device": "cpu", "train.amp": "off", "val.batch_size": 1, "val.num_workers": 0, "val.max_images": 1,
+            "weak.compare": "true", "weak.min_area": 10}
+
+
 def test_comparison_trains_three_runs_and_writes_comparison_json(tiny_cityscapes, tmp_path, ctx):
     opts = {"output_dir": tmp_path / "cmp", "data.dataset_dir": tiny_cityscapes, "data.crop_size": "[64, 128]",
             "data.scale_range": "[0.75, 1.0]", "data.class_uniform_fraction": 0.0, "data.num_workers": 0,
@@ -268,11 +277,8 @@ def test_comparison_over_seeds_in_two_child_processes_equals_the_serial_one(tiny
 
 def test_comparison_over_seeds_trains_full_labels_for_the_first_seed_only_when_asked(tiny_cityscapes, tmp_path, ctx,
                                                                                       capsys):
-    opts = {"output_dir": tmp_path / "cmp", "data.dataset_dir": tiny_cityscapes, "data.crop_size": "[64, 128]",
-            "data.class_uniform_fraction": 0.0, "data.num_workers": 0, "model.arch": "lighthrnet.HRNet16",
-            "train.max_iters": 1, "train.batch_size": 2, "train.image_interval": 0, "train.val_interval": 0,
-            "train.device": "cpu", "train.amp": "off", "val.batch_size": 1, "val.num_workers": 0, "val.max_images": 1,
-            "weak.compare": "true", "weak.min_area": 10, "weak.seeds": "[3, 4]", "weak.full_every_seed": "false"}
+    opts = {**tiny_comparison(tiny_cityscapes, tmp_path / "cmp"), "weak.seeds": "[3, 4]",
+            "weak.full_every_seed": "false"}
     summary = compare_supervision(weak_config(**opts), ctx, RunOptions())
     trained = sorted(str(p.parent.relative_to(tmp_path / "cmp")) for p in (tmp_path / "cmp").glob("seed*/*/metrics.json"))
     assert trained == ["seed3/densecrf", "seed3/full", "seed3/pce", "seed4/densecrf", "seed4/pce"]
@@ -288,11 +294,7 @@ def test_resumed_comparison_keeps_finished_runs_and_trains_only_the_added_seeds(
     """More seeds later: --resume with a longer weak.seeds trains the new seeds only; the finished
     runs keep their files and their measured time, and a finished run is never reported under
     settings it was not trained with."""
-    opts = {"output_dir": tmp_path / "cmp", "data.dataset_dir": tiny_cityscapes, "data.crop_size": "[64, 128]",
-            "data.class_uniform_fraction": 0.0, "data.num_workers": 0, "model.arch": "lighthrnet.HRNet16",
-            "train.max_iters": 1, "train.batch_size": 2, "train.image_interval": 0, "train.val_interval": 0,
-            "train.device": "cpu", "train.amp": "off", "val.batch_size": 1, "val.num_workers": 0, "val.max_images": 1,
-            "weak.compare": "true", "weak.min_area": 10, "weak.seeds": "[0]"}
+    opts = {**tiny_comparison(tiny_cityscapes, tmp_path / "cmp"), "weak.seeds": "[0]"}
     first = compare_supervision(weak_config(**opts), ctx, RunOptions())
     seed0 = {name: (tmp_path / "cmp" / "seed0" / name) for name in ("pce", "densecrf", "full")}
     before = {name: ((d / "metrics.json").read_bytes(), (d / "last.pth").stat().st_mtime_ns)
@@ -347,13 +349,9 @@ def test_two_phase_comparison_fine_tunes_one_cached_pce_base(tiny_cityscapes, tm
     from experiment.methods import train
 
     bases = tmp_path / "bases"
-    opts = {"output_dir": tmp_path / "cmp", "data.dataset_dir": tiny_cityscapes, "data.crop_size": "[64, 128]",
-            "data.class_uniform_fraction": 0.0, "data.num_workers": 0, "model.arch": "lighthrnet.HRNet16",
-            "train.max_iters": 1, "train.batch_size": 2, "train.image_interval": 0, "train.val_interval": 0,
-            "train.device": "cpu", "train.amp": "off", "val.batch_size": 1, "val.num_workers": 0, "val.max_images": 1,
-            "weak.compare": "true", "weak.min_area": 10, "weak.seeds": "[0, 1]", "weak.full_every_seed": "false",
-            "weak.mode": "finetune", "weak.base_dir": bases, "weak.base_epochs": 1, "weak.base_seed": 5,
-            "weak.finetune_lr": 0.002}
+    opts = {**tiny_comparison(tiny_cityscapes, tmp_path / "cmp"), "weak.seeds": "[0, 1]",
+            "weak.full_every_seed": "false", "weak.mode": "finetune", "weak.base_dir": bases, "weak.base_epochs": 1,
+            "weak.base_seed": 5, "weak.finetune_lr": 0.002}
     summary = compare_supervision(weak_config(**opts), ctx, RunOptions())
     [folder] = list(bases.iterdir())
     base = str(folder / "last.pth")
@@ -379,6 +377,18 @@ def test_two_phase_comparison_fine_tunes_one_cached_pce_base(tiny_cityscapes, tm
     other = compare_supervision(weak_config(**{**opts, "output_dir": tmp_path / "cmp3", "weak.seeds": "[1]",
                                                "weak.base_epochs": 2}), ctx, RunOptions())
     assert other["base"] != base and len(list(bases.iterdir())) == 2
+
+
+def test_resumed_two_phase_comparison_refuses_fine_tunes_of_another_base(tiny_cityscapes, tmp_path, ctx):
+    """A setting that shapes only the base (here its warmup: the fine-tunes set their own) gives a
+    new base; the finished fine-tunes of the old one must not be kept as if they were its."""
+    opts = {**tiny_comparison(tiny_cityscapes, tmp_path / "cmp"), "weak.seeds": "[0]", "weak.mode": "finetune",
+            "weak.base_dir": tmp_path / "bases", "weak.base_epochs": 1, "weak.finetune_lr": 0.002,
+            "optim.warmup_iters": 1}
+    first = compare_supervision(weak_config(**opts), ctx, RunOptions())
+    with pytest.raises(UserError, match=r"seed0/pce was trained with other settings \(model.init_checkpoint"):
+        compare_supervision(weak_config(**{**opts, "optim.warmup_iters": 0}), ctx, RunOptions(resume="auto"))
+    assert len(list((tmp_path / "bases").iterdir())) == 2 and first["base"].startswith(str(tmp_path / "bases"))
 
 
 def test_training_on_voc_scribbles(tmp_path, ctx):

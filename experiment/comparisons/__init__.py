@@ -13,7 +13,8 @@ import logging
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
-from experiment.checkpoints import config_differences, flatten, load_training_checkpoint, validation_changes
+from experiment.checkpoints import (INITIALISATION_ONLY, VALIDATION_ONLY, changes_affecting, config_differences,
+                                    flatten, load_training_checkpoint)
 from experiment.errors import UserError
 from experiment.methods import RunOptions, get_method, run_single
 from experiment.run_dir import Outputs, claim_output_dir, holding
@@ -64,8 +65,9 @@ def with_settings(cfg: Any, output_dir: str, settings: Mapping[str, Any]) -> Any
 def finished_earlier(sub: Any, what: str) -> bool:
     """Whether the run of ``sub`` (a ``what``: "ablation run", ...) finished earlier with the same
     settings, so that a resumed comparison keeps it; a finished run whose settings differ (it
-    would be reported under the new ones) is refused, naming them.  One whose validation
-    settings changed is not kept: resumed, it is validated again."""
+    would be reported under the new ones) is refused, naming them, and so is one that started
+    from other weights (a fine-tune of another base), which a resume of an unfinished run may
+    ignore.  One whose validation settings changed is not kept: resumed, it is validated again."""
     if not os.path.isfile(os.path.join(sub.output_dir, "metrics.json")):
         return False
     path = os.path.join(sub.output_dir, "last.pth")
@@ -75,10 +77,11 @@ def finished_earlier(sub: Any, what: str) -> bool:
                         "start anew (--overwrite) or in another --output_dir")
     config = config_to_dict(sub)
     refused, _ = config_differences(saved, config)
+    refused += [f"{k} (other starting weights)" for k in changes_affecting(saved, config, INITIALISATION_ONLY)]
     if refused:
         raise UserError(f"--resume: the finished {what} {sub.output_dir} was trained with other settings "
                         f"({', '.join(refused)}); start anew (--overwrite) or in another --output_dir")
-    scored = validation_changes(saved, config)
+    scored = changes_affecting(saved, config, VALIDATION_ONLY)
     if scored:  # the weights are the same, the metrics were not measured this way: validate again
         log.info("%s %s finished earlier; validated again for the changed %s", what, sub.output_dir, ", ".join(scored))
         return False

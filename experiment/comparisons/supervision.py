@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from experiment.comparisons import cached_base, comparison_dir, ensure_base, finished_earlier, run_options, with_settings
+from experiment.comparisons import (cached_base, comparison_dir, ensure_base, finished_earlier, run_options,
+                                   with_settings)
 from experiment.comparisons.children import ChildRun, run_children, use_children
 from experiment.errors import UserError
 from experiment.methods import RunOptions, get_method, run_single
@@ -46,7 +47,7 @@ SETTINGS = {
 }
 # Keys that do not shape the pCE base model's weights: the comparison's own (how its runs are
 # spread, the fine-tunes') and the DenseCRF's, which the base does not use.
-NOT_IN_BASE_NAME = ("weak.densecrf.", "weak.full_every_seed", "weak.cpu_threads", "weak.processes",
+NOT_SHAPING_THE_BASE = ("weak.densecrf.", "weak.full_every_seed", "weak.cpu_threads", "weak.processes",
                     "weak.base_dir", "weak.finetune_lr", "weak.finetune_warmup_iters")
 OUTPUTS = Outputs(marks=("comparison.json", "seed*") + tuple(name for name, _ in RUNS), companions=("config.yaml",))
 Run = Tuple[int, str]  # (seed, run name)
@@ -109,7 +110,7 @@ def base_config(cfg) -> Any:
     w = cfg.weak
     sub = with_settings(cfg, cfg.output_dir, {**SETTINGS["pce"], "train.seed": w.base_seed,
                                               "train.epochs": w.base_epochs, "train.max_iters": None})
-    return cached_base(sub, w.base_dir, "pce", ignore=NOT_IN_BASE_NAME)
+    return cached_base(sub, w.base_dir, "pce", ignore=NOT_SHAPING_THE_BASE)
 
 
 def _finetune(cfg, base: Optional[str]) -> Dict[str, Any]:
